@@ -1,0 +1,3 @@
+from ernie_cli.cli import main
+
+main()

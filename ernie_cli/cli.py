@@ -1,0 +1,82 @@
+"""The `ernie` command line: parses options and hands them to the runtime.
+
+Each subcommand lives in ernie_cli/commands/<name>.py; this module only registers them and turns
+exceptions into the CLI's manners: one line on stderr, exit 1 (2 for usage errors), no traceback
+unless ERNIE_DEBUG=1, quiet exits on a closed pipe or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import typer
+
+from ernie_cli.errors import ErnieError
+
+app = typer.Typer(
+    name="ernie",
+    help="Run Baidu's ERNIE 4.5 text models in plain PyTorch: download, complete, quantize, bench.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _register() -> None:
+    from ernie_cli.commands import registered_commands
+
+    for name, func in registered_commands():
+        app.command(name)(func)
+
+
+def _debug() -> bool:
+    return os.environ.get("ERNIE_DEBUG", "") not in ("", "0")
+
+
+def _quiet_broken_pipe() -> None:
+    # Point stdout at /dev/null so the interpreter's final flush cannot raise again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    _register()
+    try:
+        app(args=argv, prog_name="ernie", standalone_mode=False)
+        code = 0
+    except click.exceptions.NoArgsIsHelpError as exc:  # `ernie` alone prints help
+        click.echo(exc.ctx.get_help(), err=True)
+        code = 2
+    except click.exceptions.UsageError as exc:
+        exc.show()
+        code = 2
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        code = 130
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        code = 0
+    except ErnieError as exc:
+        if _debug():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence for the user
+        if _debug():
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (run with ERNIE_DEBUG=1 for a traceback)", file=sys.stderr)
+        code = 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+    sys.exit(code)

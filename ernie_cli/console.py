@@ -1,0 +1,25 @@
+"""stderr-only output helpers: stdout is reserved for the product (completions, JSON, tables, paths)."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def info(message: str, quiet: bool = False) -> None:
+    if not quiet:
+        err.print(message, markup=False)
+
+
+def warn(message: str) -> None:
+    err.print(f"warning: {message}", markup=False)

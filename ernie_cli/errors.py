@@ -1,0 +1,14 @@
+"""User-facing failures.
+
+Anything the user can fix (a bad path, a corrupt file, a model that will not fit) is raised as
+ErnieError with one sentence that says what is wrong and what to do; the CLI prints that line and
+exits 1 without a traceback. UsageError is the same for bad option values and exits 2.
+"""
+
+
+class ErnieError(Exception):
+    exit_code = 1
+
+
+class UsageError(ErnieError):
+    exit_code = 2

@@ -1,0 +1,167 @@
+"""Build an ErnieForCausalLM on a device from a checkpoint directory (or from random numbers).
+
+The model is first built on the meta device (no memory), then each parameter is allocated once on
+the target device and filled piece by piece from the memory-mapped safetensors files. At any moment
+the host holds the parameters loaded so far plus the one tensor being copied: never the model twice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ernie_cli.checkpoint import Checkpoint
+from ernie_cli.config import ErnieConfig, load_config
+from ernie_cli.errors import ErnieError
+from ernie_cli.layout import Param, plan
+from ernie_cli.model import ErnieForCausalLM
+
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ErnieError(f"unknown device {name!r}: use auto, cpu or cuda[:N].") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ErnieError("CUDA was asked for but no CUDA GPU is available to torch: use --device cpu, or install a CUDA build of torch.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ErnieError(f"{name} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif device.type != "cpu":
+        raise ErnieError(f"device {name!r} is not supported: use auto, cpu or cuda[:N].")
+    return device
+
+
+def resolve_dtype(name: str | None, cfg: ErnieConfig, device: torch.device) -> torch.dtype:
+    """auto: the checkpoint's own float dtype (bf16 for the released models)."""
+    name = _ALIASES.get(name or "auto", name or "auto")
+    if name == "auto":
+        name = cfg.torch_dtype if cfg.torch_dtype in DTYPE_NAMES else "bfloat16"
+    if name not in DTYPE_NAMES:
+        raise ErnieError(f"unknown dtype {name!r}: use auto, bfloat16, float16 or float32.")
+    return DTYPE_NAMES[name]
+
+
+# ---- memory ------------------------------------------------------------------------------------------
+
+
+def parameter_bytes(params: list[Param], dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for p in params:
+        n = 1
+        for s in p.shape:
+            n *= s
+        total += n * (4 if p.keep_fp32 else size)
+    return total
+
+
+def available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def kv_cache_bytes(cfg: ErnieConfig, positions: int, dtype: torch.dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions * size
+
+
+def check_fits(need: int, device: torch.device, what: str) -> None:
+    free = available_bytes(device)
+    if need > free:
+        gib = 1024**3
+        raise ErnieError(
+            f"{what} needs about {need / gib:.1f} GiB but only {free / gib:.1f} GiB is free on {device}: "
+            "use a quantized copy (`ernie quantize SRC OUT --format int4`, about a quarter of the bf16 size), "
+            "a smaller --max-context, or a device with more memory."
+        )
+
+
+# ---- building ----------------------------------------------------------------------------------------
+
+
+def _empty_model(cfg: ErnieConfig) -> ErnieForCausalLM:
+    with torch.device("meta"):
+        return ErnieForCausalLM(cfg)
+
+
+def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def load_model(
+    model_dir: Path | str,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    progress: Progress | None = None,
+    reserve_bytes: int = 0,
+) -> ErnieForCausalLM:
+    """Load a checkpoint directory. reserve_bytes: extra memory the caller will need (KV cache)."""
+    model_dir = Path(model_dir)
+    cfg = load_config(model_dir)
+    device = resolve_device(device) if isinstance(device, str) else device
+    if not isinstance(dtype, torch.dtype):
+        dtype = resolve_dtype(dtype, cfg, device)
+    ckpt = Checkpoint(model_dir)
+    params = plan(cfg, ckpt)
+    check_fits(parameter_bytes(params, dtype) + reserve_bytes, device, f"{model_dir.name} in {str(dtype).removeprefix('torch.')}")
+
+    model = _empty_model(cfg)
+    total, done = sum(ckpt.tensors[p.source].nbytes for param in params for p in param.pieces), 0
+    with torch.no_grad():
+        for param in params:
+            target = torch.empty(param.shape, dtype=torch.float32 if param.keep_fp32 else dtype, device=device)
+            for piece in param.pieces:
+                src = ckpt.get(piece.source).reshape(target[piece.index].shape)
+                target[piece.index].copy_(src)
+                done += ckpt.tensors[piece.source].nbytes
+                del src
+                if progress:
+                    progress(done, total)
+            _set_param(model, param.name, target)
+    ckpt.close()
+    model.eval()
+    return model
+
+
+def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> ErnieForCausalLM:
+    """The architecture with random weights generated directly on the device (for sizing and benchmarks)."""
+    device = torch.device(device)
+    model = _empty_model(cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, meta in list(model.named_parameters()):
+            keep_fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
+            value = torch.empty(meta.shape, dtype=torch.float32 if keep_fp32 else dtype, device=device)
+            if name.endswith("norm.weight"):
+                value.fill_(1.0)
+            elif name.endswith("e_score_correction_bias") or name.endswith(".bias"):
+                value.zero_()
+            else:
+                value.normal_(0.0, 0.02, generator=gen)
+            _set_param(model, name, value)
+    model.eval()
+    return model
+

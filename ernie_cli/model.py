@@ -1,0 +1,276 @@
+"""The ERNIE 4.5 forward pass (dense and MoE), written to match transformers' eager implementation.
+
+Sections follow ../shared/docs/ernie-architecture.md §2. Arithmetic that decides bits in float32
+(RMSNorm's cast order, RoPE in fp32 with three roundings, the fp32 router, weights taken from the
+unbiased probabilities) is kept exactly as transformers does it.
+
+Two shapes of work, two expert paths:
+- decode (one token): the selected experts' weights are gathered by index; no host sync, no
+  data-dependent shape, no Python loop over experts, so the step can be captured in one CUDA graph.
+- prefill (many tokens): tokens are grouped by expert and each expert runs one GEMM over its tokens,
+  in ascending expert order like transformers' eager loop.
+On the CPU the decode step uses the grouped path too: without a graph to capture, touching the
+k selected experts through views beats copying their weights out first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ernie_cli.config import ErnieConfig
+
+
+# ---- §2.2 RMSNorm ---------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)  # weight applied after the cast back, as transformers does
+
+
+# ---- §2.3 interleaved (GPT-J style) rotary embedding -----------------------------------------------
+
+
+def rope_table(head_dim: int, theta: float, max_positions: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin per position, already interleaved ([c0, c0, c1, c1, ...]), in float32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    pos = torch.arange(max_positions, device=device, dtype=torch.int64).float()
+    freqs = pos[:, None] * inv_freq[None, :]
+    return freqs.cos().repeat_interleave(2, -1), freqs.sin().repeat_interleave(2, -1)
+
+
+def _rotate_pairs(t: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): rotates adjacent pairs, not halves."""
+    return torch.stack((-t[..., 1::2], t[..., 0::2]), dim=-1).flatten(-2)
+
+
+def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """t: [B, heads, T, d]; cos/sin: [T, d] fp32. fp32 math, result cast back (three roundings)."""
+    return (t.float() * cos + _rotate_pairs(t).float() * sin).to(t.dtype)
+
+
+# ---- KV cache --------------------------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer: [B, kv_heads, max_seq, head_dim]."""
+
+    def __init__(self, batch: int, kv_heads: int, max_seq: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # only the filled part is read
+
+
+# ---- §2.3 attention ---------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, bias = cfg.hidden_size, cfg.use_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+        self.scale = self.head_dim**-0.5
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(start, k, v)
+        out = attend(q, k, v, start, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    """Causal GQA attention of T new queries (at positions start..start+T-1) over start+T keys."""
+    t, s = q.shape[2], k.shape[2]
+    if t == 1:
+        mask, causal = None, False  # the one new query sees every cached key
+    elif start == 0:
+        mask, causal = None, True
+    else:  # a chunk appended to a filled cache: query i sees keys j <= start + i
+        rows = torch.arange(t, device=q.device)[:, None] + start
+        mask, causal = torch.arange(s, device=q.device)[None, :] <= rows, False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+
+
+# ---- §2.4 SwiGLU MLP (dense layers and the shared experts) -------------------------------------------
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one [2I, H] matrix (gate rows first)."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+# ---- §2.5 MoE block ---------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """fp32 softmax router; the correction bias chooses experts but does not weigh them."""
+
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.top_k, self.norm_min = cfg.num_experts_per_tok, cfg.moe_norm_min
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(F.linear(x.float(), self.weight), dim=-1, dtype=torch.float32)
+        _, idx = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1)
+        weights = probs.gather(-1, idx)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
+        return weights.to(x.dtype), idx
+
+
+class Experts(nn.Module):
+    """The routed experts of one layer, stacked: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
+
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and x.device.type != "cpu":
+            return self.gathered(x, weights, idx)
+        return self.grouped(x, weights, idx)
+
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Graph-safe: gather the k selected experts of each token and run them as batched GEMVs."""
+        gate, up = torch.einsum("nh,nkoh->nko", x, self.gate_up_proj[idx]).chunk(2, dim=-1)
+        y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[idx])
+        return (y * weights[..., None]).sum(1)
+
+    def grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One GEMM per selected expert, in ascending expert order, summed with index_add_ like transformers."""
+        k = idx.shape[1]
+        flat = idx.flatten()
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        tokens, slots = order // k, order % k
+        out = torch.zeros_like(x)
+        begin = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            tok, slot = tokens[begin : begin + n], slots[begin : begin + n]
+            begin += n
+            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        shared = cfg.moe_intermediate_size * cfg.num_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, shared, cfg.use_bias) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        x = x.view(-1, h)
+        weights, idx = self.gate(x)
+        out = self.experts(x, weights, idx)
+        if self.shared_experts is not None:  # added after the routed sum, as transformers does
+            out = out + self.shared_experts(x)
+        return out.view(b, t, h)
+
+
+# ---- §2.1 decoder layer and the whole model ---------------------------------------------------------
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ErnieConfig, index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class ErnieForCausalLM(nn.Module):
+    def __init__(self, cfg: ErnieConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Untied checkpoints get their own head; ERNIE 4.5 releases tie it to the embedding.
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_seq = 0
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def setup_cache(self, batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
+        """(Re)allocate the KV cache and the RoPE table for up to max_seq positions."""
+        cfg, device = self.config, self.device
+        dtype = dtype or self.dtype
+        for layer in self.layers:
+            layer.self_attn.cache = KVCache(batch, cfg.num_key_value_heads, max_seq, cfg.head_dim, dtype, device)
+        self.rope_cos, self.rope_sin = rope_table(cfg.head_dim, cfg.rope_theta, max_seq, device)
+        self.max_seq = max_seq
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, all_logits: bool = False) -> torch.Tensor:
+        """tokens [B, T] at positions start..start+T-1 -> logits [B, T or 1, V] (the last position unless all_logits)."""
+        t = tokens.shape[1]
+        if start + t > self.max_seq:
+            if start:
+                raise ValueError(f"positions up to {start + t} exceed the cache of {self.max_seq}")
+            self.setup_cache(tokens.shape[0], t)  # a one-off full forward sizes its own cache
+        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start)
+        if not all_logits:
+            x = x[:, -1:]
+        return F.linear(self.norm(x), self.head_weight())

@@ -1,0 +1,113 @@
+"""Tiny random ERNIE 4.5 checkpoints written by transformers itself (the reference writer).
+
+Weights are re-drawn larger than transformers' init (std 0.02) so logits are far from ties and
+routing is decisive; otherwise greedy comparisons would test noise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BASE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    use_bias=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+MOE = dict(
+    moe_num_experts=8,
+    moe_k=3,
+    moe_intermediate_size=24,
+    moe_num_shared_experts=2,
+    moe_layer_start_index=1,
+    moe_layer_end_index=-1,
+    moe_layer_interval=1,
+)
+
+SHAPES = {
+    "dense": dict(kind="dense"),
+    "moe": dict(kind="moe"),
+    "moe_no_shared": dict(kind="moe", moe_num_shared_experts=0),
+    "moe_interval2": dict(kind="moe", moe_layer_interval=2, num_hidden_layers=5),
+    "moe_sharded": dict(kind="moe", shard="60KB"),
+    "moe_fused_names": dict(kind="moe", fused_names=True),
+}
+
+
+def reference_class(kind: str):
+    from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+    return (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM) if kind == "moe" else (Ernie4_5Config, Ernie4_5ForCausalLM)
+
+
+def build_reference(kind: str = "moe", seed: int = 0, **overrides):
+    cfg_cls, model_cls = reference_class(kind)
+    values = dict(BASE, **(MOE if kind == "moe" else {}))
+    values.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**values)).float().eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "e_score_correction_bias" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))  # large enough to change choices
+            elif name.endswith("gate.weight"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return model
+
+
+def write_checkpoint(path: Path, shape: str = "moe", seed: int = 0, **overrides):
+    """Write a tiny checkpoint with save_pretrained and return (path, the transformers model)."""
+    spec = dict(SHAPES[shape])
+    kind = spec.pop("kind")
+    shard = spec.pop("shard", None)
+    fused = spec.pop("fused_names", False)
+    spec.update(overrides)
+    model = build_reference(kind, seed, **spec)
+    path.mkdir(parents=True, exist_ok=True)
+    if fused:
+        # The transformers-5 in-memory names, as a user saving state_dict() directly would get them.
+        from safetensors.torch import save_file
+
+        model.config.save_pretrained(path)
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        model.save_pretrained(path, max_shard_size=shard) if shard else model.save_pretrained(path)
+    return path, model
+
+
+def load_reference(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+
+
+def edit_config(path: Path, **changes) -> None:
+    cfg_path = path / "config.json"
+    raw = json.loads(cfg_path.read_text())
+    for k, v in changes.items():
+        if v is None:
+            raw.pop(k, None)
+        else:
+            raw[k] = v
+    cfg_path.write_text(json.dumps(raw))
