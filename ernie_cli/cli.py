@@ -13,7 +13,7 @@ import sys
 import click
 import typer
 
-from ernie_cli.errors import ErnieError
+from ernie_cli.errors import ErnieError, PipeClosed
 
 app = typer.Typer(
     name="ernie",
@@ -48,8 +48,9 @@ def _quiet_broken_pipe() -> None:
 def main(argv: list[str] | None = None) -> None:
     _register()
     try:
-        app(args=argv, prog_name="ernie", standalone_mode=False)
-        code = 0
+        # Without standalone mode typer returns an exit code (130 after Ctrl-C) instead of exiting.
+        result = app(args=argv, prog_name="ernie", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
     except click.exceptions.NoArgsIsHelpError as exc:  # `ernie` alone prints help
         click.echo(exc.ctx.get_help(), err=True)
         code = 2
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         code = 130
     except KeyboardInterrupt:
         code = 130
-    except BrokenPipeError:
+    except (BrokenPipeError, PipeClosed):
         _quiet_broken_pipe()
         code = 0
     except ErnieError as exc:

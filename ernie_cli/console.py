@@ -23,3 +23,14 @@ def info(message: str, quiet: bool = False) -> None:
 
 def warn(message: str) -> None:
     err.print(f"warning: {message}", markup=False)
+
+
+def write_stdout(text: str) -> None:
+    """Write product output and flush at once, so a pipe sees each piece as it is made."""
+    from ernie_cli.errors import PipeClosed
+
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise PipeClosed() from None

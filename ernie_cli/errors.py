@@ -12,3 +12,7 @@ class ErnieError(Exception):
 
 class UsageError(ErnieError):
     exit_code = 2
+
+
+class PipeClosed(Exception):
+    """The reader of stdout went away (`| head`). Not an OSError, so click does not turn it into exit 1."""

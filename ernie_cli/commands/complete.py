@@ -1,0 +1,168 @@
+"""`ernie complete`: continue a text with a base model, streamed to stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ernie_cli.console import err, info, stderr_is_tty, warn, write_stdout
+from ernie_cli.errors import UsageError
+from ernie_cli.hub import DEFAULT_MODEL
+
+
+def _read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        warn("stdin is not valid UTF-8; undecodable bytes were replaced with U+FFFD.")
+        return data.decode("utf-8", errors="replace")
+
+
+def _read_file(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read --file {path}: {exc.strerror or exc}.") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        warn(f"{path} is not valid UTF-8; undecodable bytes were replaced with U+FFFD.")
+        return data.decode("utf-8", errors="replace")
+
+
+def _stdin_is_piped() -> bool:
+    try:
+        return sys.stdin is not None and not sys.stdin.isatty()
+    except ValueError:  # closed
+        return False
+
+
+def gather_prompt(argument: Optional[str], file: Optional[Path]) -> str:
+    """llm's convention: piped stdin comes first, then the argument; `-` reads stdin explicitly."""
+    parts = []
+    if file is not None:
+        parts.append(_read_file(file))
+    if argument == "-":
+        parts.append(_read_stdin())
+        argument = None
+    elif _stdin_is_piped():
+        piped = _read_stdin()
+        if piped:  # an empty stdin (cron, CI) is no prompt
+            parts.append(piped)
+    if argument is not None:
+        parts.append(argument)
+    if not parts or not any(parts):
+        raise UsageError('no prompt: pass it as an argument (ernie complete "Once upon a time"), with -f FILE, or on stdin.')
+    prompt = parts[0]
+    for part in parts[1:]:
+        prompt += part if not prompt or prompt[-1].isspace() else " " + part
+    return prompt
+
+
+def complete(
+    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue. Piped stdin is prepended; '-' reads stdin.", show_default=False)] = None,
+    model: Annotated[str, typer.Option("-m", "--model", help="Hub repo id or local directory.")] = DEFAULT_MODEL,
+    file: Annotated[Optional[Path], typer.Option("-f", "--file", help="Read the prompt from a file.", show_default=False)] = None,
+    max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate.")] = 256,
+    temperature: Annotated[Optional[float], typer.Option("-t", "--temperature", help="0 is greedy. [default: generation_config.json, else 0.8]", show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens (0: off).", show_default=False)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling mass in (0, 1]. [default: generation_config.json]", show_default=False)] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below min_p x the top probability.", show_default=False)] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="transformers' rule over prompt and output (1: off).", show_default=False)] = None,
+    presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty", help="OpenAI's rule over the output.", show_default=False)] = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty", help="OpenAI's rule over the output.", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("-s", "--seed", help="Same seed, model, device and dtype give the same text.", show_default=False)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop before this text (repeatable).", show_default=False)] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep going past the end-of-text token.")] = False,
+    echo: Annotated[bool, typer.Option("--echo", help="Print the prompt before the completion.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end instead of streaming.")] = False,
+    logprobs: Annotated[Optional[int], typer.Option("--logprobs", help="With --json: the top N [id, logprob] pairs per token.", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize a float checkpoint while loading: int8 or int4.", show_default=False)] = None,
+    max_context: Annotated[Optional[int], typer.Option("--max-context", help="Most positions (prompt + output). [default: the model's]", show_default=False)] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Never touch the network (as HF_HUB_OFFLINE=1).")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No summary line on stderr.")] = False,
+) -> None:
+    """Continue PROMPT with the model and stream the text to stdout. Statistics go to stderr."""
+    from ernie_cli.sampling import SamplingParams
+
+    if max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1.")
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise UsageError("--logprobs must be between 0 and 20.")
+    if max_context is not None and max_context < 2:
+        raise UsageError("--max-context must be at least 2.")
+    if dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"):
+        raise UsageError(f"--dtype {dtype!r} is not one of auto, bfloat16, float16, float32.")
+    if quantize not in (None, "int8", "int4"):
+        raise UsageError(f"--quantize {quantize!r} is not one of int8, int4.")
+    text = gather_prompt(prompt, file)
+
+    from ernie_cli import completion
+    from ernie_cli.hub import resolve_model
+
+    model_dir = resolve_model(model, offline=True if offline else None, quiet=quiet)
+    defaults = completion.generation_defaults(model_dir)
+    chosen = dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+    )
+    values = {k: (v if v is not None else defaults.get(k)) for k, v in chosen.items()}
+    sampling = SamplingParams(**{k: v for k, v in values.items() if v is not None}, seed=seed).validate()
+
+    runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, progress=_progress_bar(quiet))
+    request = completion.Request(text, max_tokens, sampling, list(stop or []), ignore_eos, logprobs, max_context)
+    if echo and not as_json:
+        write_stdout(text)
+    result = completion.complete(runtime, request, on_text=(lambda s: None) if as_json else write_stdout)
+    t = result.timings
+    if as_json:
+        record = {
+            "model": model,
+            "prompt": text,
+            "text": result.text,
+            "prompt_tokens": result.prompt_tokens,
+            "tokens": result.tokens,
+            "finish_reason": result.finish_reason,
+            "logprobs": result.logprobs,
+            "usage": {"prompt_tokens": len(result.prompt_tokens), "completion_tokens": len(result.tokens),
+                      "total_tokens": len(result.prompt_tokens) + len(result.tokens)},
+            "timings": {"load_s": runtime.load_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
+                        "prefill_tokens_per_s": t.prefill_tps, "decode_tokens_per_s": t.decode_tps},
+        }
+        write_stdout(json.dumps(record, ensure_ascii=False) + "\n")
+    elif result.text and not result.text.endswith("\n") and sys.stdout.isatty():
+        write_stdout("\n")  # keep the shell prompt off the last line, only for a person reading
+    if not quiet:
+        info(
+            f"{len(result.prompt_tokens)} prompt tokens, {len(result.tokens)} generated; "
+            f"prefill {t.prefill_tps:.1f} tok/s, decode {t.decode_tps:.1f} tok/s; "
+            f"load {runtime.load_s:.1f} s; finish: {result.finish_reason}"
+        )
+
+
+def _progress_bar(quiet: bool):
+    """A rich bar over the bytes of weights loaded, only for a person watching stderr."""
+    if quiet or not stderr_is_tty():
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
+
+    bar = Progress("loading weights", BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=err, transient=True)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("load", total=total)
+        bar.update(task, completed=done)
+        if done >= total:
+            bar.stop()
+
+    return update

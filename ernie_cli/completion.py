@@ -1,0 +1,188 @@
+"""Text in, text out: the runtime behind `ernie complete`.
+
+Glues the pieces together: resolve and load the model and tokenizer, apply the model's
+generation_config.json defaults, run the token loop, turn tokens into text as soon as it is final,
+and cut at stop strings (matched on text, so a stop string split across tokens still stops).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ernie_cli.config import ErnieConfig
+from ernie_cli.detokenize import StreamingDetokenizer
+from ernie_cli.errors import ErnieError
+from ernie_cli.generate import Timings, generate
+from ernie_cli.loader import kv_cache_bytes, load_model, resolve_device, resolve_dtype
+from ernie_cli.config import load_config
+from ernie_cli.model import ErnieForCausalLM
+from ernie_cli.sampling import Sampler, SamplingParams
+from ernie_cli.tokenizer import ErnieTokenizer, load_tokenizer
+
+# Keys of generation_config.json that map onto our sampling options.
+_GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+@dataclass
+class Runtime:
+    model: ErnieForCausalLM
+    tokenizer: ErnieTokenizer
+    config: ErnieConfig
+    model_dir: Path
+    generation_defaults: dict
+    load_s: float
+
+
+def generation_defaults(model_dir: Path) -> dict:
+    """Sampling defaults from generation_config.json; do_sample false means greedy."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    found = {k: raw[k] for k in _GENERATION_KEYS if isinstance(raw.get(k), (int, float))}
+    if raw.get("do_sample") is False:
+        found["temperature"] = 0.0
+    if raw.get("eos_token_id") is not None:
+        eos = raw["eos_token_id"]
+        found["eos_token_id"] = eos if isinstance(eos, list) else [eos]
+    return found
+
+
+def load_runtime(
+    model_dir: Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    max_context: int | None = None,
+    quantize: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Runtime:
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(model_dir)
+    cfg = load_config(model_dir)
+    dev = resolve_device(device)
+    context = max_context or cfg.max_position_embeddings
+    # The cache is sized per request, but refusing early beats failing after the weights are in.
+    reserve = kv_cache_bytes(cfg, min(context, 8192), resolve_dtype(dtype, cfg, dev))
+    kwargs = {"quantize": quantize} if quantize else {}
+    model = load_model(model_dir, dev, dtype, progress=progress, reserve_bytes=reserve, **kwargs)
+    return Runtime(model, tokenizer, model.config, model_dir, generation_defaults(model_dir), time.perf_counter() - start)
+
+
+@dataclass
+class Request:
+    prompt: str
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    max_context: int | None = None
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: list[int]
+    tokens: list[int]
+    finish_reason: str  # "stop" | "length" | "eos"
+    logprobs: list[dict] | None
+    timings: Timings
+
+
+class StopMatcher:
+    """Holds back text that might be the start of a stop string; reports where a stop string begins."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, whether a stop string was found)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:  # longest suffix of pending that is a proper prefix of a stop string
+            for n in range(min(len(s) - 1, len(self.pending)), keep, -1):
+                if self.pending.endswith(s[:n]):
+                    keep = n
+                    break
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def complete(runtime: Runtime, request: Request, on_text: Callable[[str], None] = lambda s: None) -> Result:
+    """Run one completion, calling on_text with each piece of final text as soon as it exists."""
+    tok, cfg = runtime.tokenizer, runtime.config
+    prompt_ids = tok.encode(request.prompt)
+    if not prompt_ids:
+        raise ErnieError("the prompt is empty after tokenization: give some text to complete.")
+    context = min(request.max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if len(prompt_ids) >= context:
+        raise ErnieError(
+            f"the prompt is {len(prompt_ids)} tokens but the context holds {context}: shorten the prompt"
+            + (" or raise --max-context." if context < cfg.max_position_embeddings else ".")
+        )
+    max_new = min(request.max_tokens, context - len(prompt_ids))
+    eos = set(runtime.generation_defaults.get("eos_token_id", [])) | set(cfg.eos_token_ids) | {tok.eos_token_id}
+    stop_ids = frozenset() if request.ignore_eos else frozenset(eos)
+
+    sampler = Sampler(request.sampling, cfg.vocab_size, runtime.model.device)
+    detok = StreamingDetokenizer(tok)
+    stops = StopMatcher(request.stop)
+    timings = Timings()
+    tokens: list[int] = []
+    logprobs: list[dict] | None = [] if request.logprobs is not None else None
+    pieces: list[str] = []
+    finish = "length"
+
+    def emit(text: str) -> None:
+        if text:
+            pieces.append(text)
+            on_text(text)
+
+    for step in generate(runtime.model, prompt_ids, max_new, sampler, stop_ids, request.logprobs, timings):
+        tokens.append(step.token)
+        if logprobs is not None:
+            entry = {"id": step.token, "logprob": step.logprob}
+            if step.top is not None:
+                entry["top"] = [[i, lp] for i, lp in step.top]
+            logprobs.append(entry)
+        if step.token in stop_ids:
+            finish = "eos"
+            break
+        text, stopped = stops.feed(detok.add(step.token))
+        emit(text)
+        if stopped:
+            finish = "stop"
+            break
+    if finish != "stop":
+        text, stopped = stops.feed(detok.flush())
+        emit(text)
+        if stopped:
+            finish = "stop"
+        else:
+            emit(stops.flush())
+    return Result("".join(pieces), prompt_ids, tokens, finish, logprobs, timings)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"

@@ -1,0 +1,277 @@
+"""`ernie complete` end to end, in subprocesses, on a tiny random model with the real ERNIE tokenizer.
+
+References: transformers' greedy generate and log-softmax for ids and logprobs, the shipped
+tokenizer.json (through the `tokenizers` library) for text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tiny_models import load_reference, write_checkpoint
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
+ENV.pop("ERNIE_DEBUG", None)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_dir):
+    path, _ = write_checkpoint(
+        tmp_path_factory.mktemp("complete") / "tiny-ernie", "moe",
+        vocab_size=103424, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=65536,
+    )
+    for name in TOKENIZER_FILES + ["generation_config.json"]:
+        shutil.copy(tokenizer_dir / name, path / name)  # real tokenizer and generation defaults
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from tokenizers import Tokenizer
+
+    return load_reference(model_dir), Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+
+
+def ernie(*args, stdin: bytes | None = b"", timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "ernie_cli", "complete", *args], input=stdin, capture_output=True, env=ENV, timeout=timeout
+    )
+
+
+def run_json(model_dir, *args, stdin=b""):
+    proc = ernie("-m", str(model_dir), "--json", "-q", *args, stdin=stdin)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout)
+
+
+def reference_greedy(reference, prompt, n, penalty):
+    ref, tok = reference
+    ids = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
+    with torch.no_grad():
+        out = ref.generate(ids, max_new_tokens=n, do_sample=False, repetition_penalty=penalty, eos_token_id=2, pad_token_id=0)
+    return ids[0].tolist(), out[0, ids.shape[1]:].tolist()
+
+
+PROMPT = "The capital of France is"
+
+
+def test_greedy_ids_and_text_equal_transformers(model_dir, reference):
+    prompt_ids, expected = reference_greedy(reference, PROMPT, 24, 1.3)
+    record = run_json(model_dir, "-t", "0", "--repetition-penalty", "1.3", "-n", "24", PROMPT)
+    assert record["prompt_tokens"] == prompt_ids
+    assert record["tokens"] == expected
+    _, tok = reference
+    generated = expected[:-1] if expected[-1] == 2 else expected
+    assert record["text"] == tok.decode(generated, skip_special_tokens=False)
+    assert record["finish_reason"] == ("eos" if expected[-1] == 2 else "length")
+
+
+def test_chinese_and_emoji_stream_equals_reference_decode(model_dir, reference):
+    """What is streamed to stdout is exactly what the reference tokenizer decodes from the ids."""
+    _, tok = reference
+    args = ["-t", "1.0", "-s", "4", "--ignore-eos", "-n", "40", "今天的天气 🌧️ 很"]
+    record = run_json(model_dir, *args)
+    proc = ernie("-m", str(model_dir), "-q", *args)
+    assert proc.returncode == 0
+    assert proc.stdout.decode("utf-8") == record["text"] == tok.decode(record["tokens"], skip_special_tokens=False)
+
+
+def test_json_schema(model_dir):
+    record = run_json(model_dir, "-n", "5", "-s", "3", PROMPT)
+    assert set(record) == {"model", "prompt", "text", "prompt_tokens", "tokens", "finish_reason", "logprobs", "usage", "timings"}
+    assert record["prompt"] == PROMPT and record["logprobs"] is None
+    assert record["usage"] == {"prompt_tokens": len(record["prompt_tokens"]), "completion_tokens": len(record["tokens"]),
+                               "total_tokens": len(record["prompt_tokens"]) + len(record["tokens"])}
+    assert set(record["timings"]) == {"load_s", "prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert record["finish_reason"] in ("length", "eos")
+
+
+def test_logprobs_match_reference_log_softmax(model_dir, reference):
+    record = run_json(model_dir, "-n", "6", "-s", "5", "-t", "1.0", "--top-p", "0.9", "--logprobs", "4", PROMPT)
+    ref, _ = reference
+    ids = torch.tensor([record["prompt_tokens"] + record["tokens"]])
+    with torch.no_grad():
+        lp = torch.log_softmax(ref(ids).logits[0].double(), dim=-1)
+    p = len(record["prompt_tokens"])
+    for i, entry in enumerate(record["logprobs"]):
+        row = lp[p - 1 + i]
+        assert entry["id"] == record["tokens"][i]
+        assert abs(entry["logprob"] - row[entry["id"]].item()) < 1e-4
+        values, top = torch.topk(row, 4)
+        assert [t for t, _ in entry["top"]] == top.tolist()
+        assert max(abs(v - r) for (_, v), r in zip(entry["top"], values.tolist())) < 1e-4
+
+
+def test_stop_string_split_across_tokens(model_dir, reference):
+    _, expected = reference_greedy(reference, PROMPT, 24, 1.3)
+    _, tok = reference
+    pieces = [tok.decode([t]) for t in expected if t != 2]
+    full = "".join(pieces)
+    # a stop string made of the end of one token and the start of the next
+    for i in range(2, len(pieces) - 1):
+        left, right = pieces[i], pieces[i + 1]
+        if len(left) >= 2 and len(right) >= 2:
+            stop = left[-2:] + right[:2]
+            if full.find(stop) == len("".join(pieces[: i + 1])) - 2:
+                break
+    else:
+        pytest.skip("no token pair long enough in this sample")
+    record = run_json(model_dir, "-t", "0", "--repetition-penalty", "1.3", "-n", "24", "--stop", stop, "--stop", "NEVER-STOP-HERE", PROMPT)
+    assert record["finish_reason"] == "stop"
+    assert record["text"] == full[: full.find(stop)]
+    proc = ernie("-m", str(model_dir), "-q", "-t", "0", "--repetition-penalty", "1.3", "-n", "24", "--stop", stop, PROMPT)
+    assert proc.stdout.decode() == full[: full.find(stop)]
+
+
+def test_echo_prints_prompt_first(model_dir):
+    proc = ernie("-m", str(model_dir), "-q", "-n", "3", "-s", "1", "--echo", PROMPT)
+    assert proc.returncode == 0
+    assert proc.stdout.decode().startswith(PROMPT)
+
+
+def test_stdin_comes_first_then_argument(model_dir):
+    record = run_json(model_dir, "-n", "2", "Summary:", stdin="Some notes.".encode())
+    assert record["prompt"] == "Some notes. Summary:"
+    record = run_json(model_dir, "-n", "2", "Summary:", stdin="line one\n".encode())
+    assert record["prompt"] == "line one\nSummary:"
+    record = run_json(model_dir, "-n", "2", "-", stdin="only stdin".encode())
+    assert record["prompt"] == "only stdin"
+
+
+def test_prompt_from_file(model_dir, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("文件里的提示", encoding="utf-8")
+    assert run_json(model_dir, "-n", "2", "-f", str(f))["prompt"] == "文件里的提示"
+
+
+def test_non_utf8_stdin_is_replaced_with_a_warning(model_dir):
+    proc = ernie("-m", str(model_dir), "--json", "-n", "2", "x", stdin=b"caf\xe9 ")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["prompt"] == "caf\ufffd x"
+    assert b"not valid UTF-8" in proc.stderr
+
+
+def test_same_seed_same_text_and_other_seed_differs(model_dir):
+    a = run_json(model_dir, "-n", "12", "-s", "7", "-t", "1.5", "--ignore-eos", PROMPT)
+    b = run_json(model_dir, "-n", "12", "-s", "7", "-t", "1.5", "--ignore-eos", PROMPT)
+    c = run_json(model_dir, "-n", "12", "-s", "8", "-t", "1.5", "--ignore-eos", PROMPT)
+    assert a["tokens"] == b["tokens"]
+    assert a["tokens"] != c["tokens"]
+
+
+def test_summary_on_stderr_only(model_dir):
+    proc = ernie("-m", str(model_dir), "-n", "3", "-s", "1", PROMPT)
+    assert b"prompt tokens" in proc.stderr and b"tok/s" in proc.stderr
+    assert b"prompt tokens" not in proc.stdout
+
+
+def test_closed_pipe_ends_quietly(model_dir):
+    cmd = f"{sys.executable} -m ernie_cli complete -m {model_dir} -q -n 400 --ignore-eos -t 1.0 -s 1 'Go' | head -c 20"
+    proc = subprocess.run(["bash", "-c", cmd + "; echo \"rc=${PIPESTATUS[0]}\" >&2"], capture_output=True, env=ENV, timeout=120)
+    assert len(proc.stdout) == 20
+    assert b"Traceback" not in proc.stderr and b"BrokenPipe" not in proc.stderr and b"Exception ignored" not in proc.stderr
+    assert b"rc=0" in proc.stderr
+
+
+def test_ctrl_c_keeps_printed_text_and_exits_quietly(model_dir):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ernie_cli", "complete", "-m", str(model_dir), "-q", "-n", "60000", "--ignore-eos", "-s", "1", "Go"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+        # A shell's background job inherits SIGINT ignored; give the child the terminal's default.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    first = proc.stdout.read(1)  # generation has started
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert first and proc.returncode == 130
+    assert b"Traceback" not in err
+
+
+# ---- errors --------------------------------------------------------------------------------------
+
+
+def _error(proc, code=1):
+    assert proc.returncode == code, proc.stderr.decode()
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr.decode()
+    return lines[0]
+
+
+def test_missing_model_dir(tmp_path):
+    line = _error(ernie("-m", str(tmp_path / "nope"), "hi"))
+    assert "no model directory or repo id" in line
+
+
+def test_directory_that_is_not_an_ernie_model(tmp_path, model_dir):
+    bad = tmp_path / "llama"
+    shutil.copytree(model_dir, bad)
+    raw = json.loads((bad / "config.json").read_text())
+    raw.update(architectures=["LlamaForCausalLM"], model_type="llama")
+    (bad / "config.json").write_text(json.dumps(raw))
+    assert "not an ERNIE 4.5 text model" in _error(ernie("-m", str(bad), "hi"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "tokenizer.json").write_bytes((model_dir / "tokenizer.json").read_bytes())
+    assert "has no config.json" in _error(ernie("-m", str(empty), "hi"))
+
+
+def test_corrupt_weights(tmp_path, model_dir):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(model_dir, bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-4096])
+    assert "is truncated" in _error(ernie("-m", str(bad), "hi"))
+
+
+def test_prompt_longer_than_context(model_dir):
+    line = _error(ernie("-m", str(model_dir), "--max-context", "4", "one two three four five six seven"))
+    assert "tokens but the context holds 4" in line
+
+
+def test_cuda_asked_for_but_absent(model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert "no CUDA GPU" in _error(ernie("-m", str(model_dir), "--device", "cuda", "hi"))
+
+
+def test_not_enough_memory_is_refused_before_loading(model_dir, monkeypatch, capsys):
+    import ernie_cli.loader as loader
+    from ernie_cli.cli import main
+
+    monkeypatch.setattr(loader, "available_bytes", lambda device: 10 * 1024**2)
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["complete", "-m", str(model_dir), "-n", "2", "hi"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "GiB is free on cpu: use a quantized copy" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-n", "-3", "hi"], "--max-tokens"),
+        (["--top-p", "1.5", "hi"], "--top-p"),
+        (["--top-p", "0", "hi"], "--top-p"),
+        (["-t", "-1", "hi"], "--temperature"),
+        (["--min-p", "1", "hi"], "--min-p"),
+        (["--dtype", "int3", "hi"], "--dtype"),
+        ([], "no prompt"),
+    ],
+)
+def test_invalid_options_are_usage_errors(model_dir, args, message):
+    proc = ernie("-m", str(model_dir), *args)
+    assert proc.returncode == 2, proc.stderr.decode()
+    assert message in proc.stderr.decode()
+    assert "Traceback" not in proc.stderr.decode()
