@@ -1,0 +1,175 @@
+"""`ernie bench`: llama-bench-style speed and memory figures, also without weights (--config)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ernie_cli.console import info, stderr_is_tty, write_stdout
+from ernie_cli.errors import UsageError
+
+
+def _int_list(value: str, option: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{option} takes comma-separated integers, got {value!r}.") from None
+    if any(v < 0 for v in items):
+        raise UsageError(f"{option} values must be >= 0.")
+    return items
+
+
+def _pairs(values: list[str]) -> list[tuple[int, int]]:
+    pairs = []
+    for value in values:
+        items = _int_list(value, "--pg")
+        if len(items) != 2 or min(items) < 1:
+            raise UsageError(f"--pg takes PROMPT,GENERATE (two positive integers), got {value!r}.")
+        pairs.append((items[0], items[1]))
+    return pairs
+
+
+def bench(
+    model: Annotated[Optional[str], typer.Option("-m", "--model", help="Hub repo id or local directory to measure.", show_default=False)] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="Measure this config.json with random weights built on the device (no download).", show_default=False)] = None,
+    layers: Annotated[Optional[int], typer.Option("--layers", help="With --config: override the number of layers.", show_default=False)] = None,
+    prompt: Annotated[str, typer.Option("-p", "--n-prompt", help="Prefill tests (comma list; 0 skips).")] = "512",
+    generate: Annotated[str, typer.Option("-n", "--n-gen", help="Decode tests (comma list; 0 skips).")] = "128",
+    pg: Annotated[Optional[list[str]], typer.Option("--pg", help="Prefill+decode test PROMPT,GENERATE (repeatable).", show_default=False)] = None,
+    depth: Annotated[str, typer.Option("-d", "--depth", help="Tokens already in the KV cache (comma list).")] = "0",
+    repetitions: Annotated[int, typer.Option("-r", "--repetitions", help="Timed runs per test, after one warm-up.")] = 5,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize float weights while loading: int8 or int4.", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads. [default: torch's, usually the physical cores]", show_default=False)] = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv.")] = "md",
+    offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
+) -> None:
+    """Measure prefill (pp), decode (tg) and both (pg) speed, time to first token and peak memory.
+
+    Inputs are synthetic token ids; tokenization and sampling are outside the timed region. Each
+    test is warmed up once, then timed REPETITIONS times; tok/s is reported as mean +- std.
+    """
+    if (model is None) == (config is None):
+        raise UsageError("pass exactly one of -m MODEL or --config CONFIG.json.")
+    if output not in ("md", "json", "csv"):
+        raise UsageError(f"-o {output!r} is not one of md, json, csv.")
+    if repetitions < 1:
+        raise UsageError("-r must be at least 1.")
+    if layers is not None and (config is None or layers < 1):
+        raise UsageError("--layers needs --config and a positive number.")
+    if threads is not None and threads < 1:
+        raise UsageError("-t must be at least 1.")
+    if quantize not in (None, "int8", "int4"):
+        raise UsageError(f"--quantize {quantize!r} is not one of int8, int4.")
+    tests_wanted = (_int_list(prompt, "-p"), _int_list(generate, "-n"), _pairs(pg or []), _int_list(depth, "-d") or [0])
+
+    import torch
+
+    from ernie_cli import bench as runtime
+    from ernie_cli.loader import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    tests = runtime.build_tests(*tests_wanted)
+    if not tests:
+        raise UsageError("no tests to run: give a positive -p, -n or --pg.")
+    dev = resolve_device(device)
+    model_obj, name, size, quant = _load(model, config, layers, dev, dtype, quantize, offline)
+    context = runtime.run_context(model_obj, name, size, quant)
+    show = stderr_is_tty()
+    rows = []
+    for spec in tests:
+        if show:
+            info(f"running {spec.name} ...")
+        result = runtime.run_test(model_obj, spec, repetitions)
+        rows.append(runtime.result_row(context, result))
+    write_stdout(FORMATS[output](rows, context))
+
+
+def _load(model, config, layers, device, dtype, quantize, offline):
+    import torch
+
+    from ernie_cli.config import load_config, parse_config
+    from ernie_cli.loader import check_fits, random_model, resolve_dtype
+
+    if config is not None:
+        try:
+            raw = json.loads(Path(config).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UsageError(f"cannot read --config {config}: {exc}.") from None
+        cfg = parse_config(raw)
+        if layers:
+            cfg = cfg.replace(num_hidden_layers=layers, moe_layer_end_index=min(cfg.moe_layer_end_index, layers - 1))
+        torch_dtype = resolve_dtype(dtype, cfg, device)
+        size = torch.empty((), dtype=torch_dtype).element_size()
+        check_fits(cfg.parameter_counts()["total"] * size, device, f"{Path(config).name} with random weights")
+        name = f"{Path(config).name} (random weights, {cfg.num_hidden_layers} layers)"
+        if quantize:
+            from ernie_cli.loader import quantize_model
+
+            return quantize_model(random_model(cfg, device, torch_dtype), quantize), name, None, quantize
+        return random_model(cfg, device, torch_dtype), name, None, None
+
+    from ernie_cli.hub import resolve_model
+    from ernie_cli.loader import load_model
+
+    model_dir = resolve_model(model, offline=True if offline else None)
+    kwargs = {"quantize": quantize} if quantize else {}
+    loaded = load_model(model_dir, device, dtype, **kwargs)
+    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    cfg = load_config(model_dir)
+    quant = quantize or (cfg.quantization or {}).get("format")
+    return loaded, model, size, quant
+
+
+# ---- output formats ------------------------------------------------------------------------------------
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1024**3:.2f} GiB"
+
+
+def _markdown(rows: list[dict], context: dict) -> str:
+    header = ["model", "size", "params (active)", "device", "threads", "dtype", "quant", "test", "t/s", "ttft ms", "peak mem", "GB/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 8 else "---:" for i in range(len(header))) + "|"]
+    for r in rows:
+        params = f"{r['params_total'] / 1e9:.2f} B ({r['params_active'] / 1e9:.2f} B)"
+        gbs = "-" if r["bandwidth_gb_s"] is None else f"{r['bandwidth_gb_s']:.1f}"
+        cells = [
+            r["model"], _gib(r["size_on_disk_bytes"] or r["weight_bytes_in_memory"]), params, r["device_name"], str(r["threads"]),
+            r["dtype"], r["quantization"], r["test"], f"{r['mean_tokens_per_s']:.2f} ± {r['std_tokens_per_s']:.2f}",
+            f"{r['median_ttft_ms']:.1f}", _gib(r["peak_memory_bytes"]), gbs,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"torch {context['torch']}, commit {context['commit'] or 'unknown'}, {context['date']}")
+    return "\n".join(lines) + "\n"
+
+
+def _json(rows: list[dict], context: dict) -> str:
+    return json.dumps(rows, indent=2) + "\n"
+
+
+_CSV_FIELDS = [
+    "model", "architecture", "layers", "size_on_disk_bytes", "params_total", "params_active", "weight_bytes_in_memory",
+    "device", "device_name", "threads", "dtype", "quantization", "torch", "commit", "date", "test", "prompt_tokens",
+    "gen_tokens", "depth", "mean_tokens_per_s", "std_tokens_per_s", "median_ttft_ms", "peak_memory_bytes",
+    "weight_bytes_per_token", "bandwidth_gb_s",
+]
+
+
+def _csv(rows: list[dict], context: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+FORMATS = {"md": _markdown, "json": _json, "csv": _csv}
