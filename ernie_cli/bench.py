@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ernie_cli.config import ErnieConfig
+from ernie_cli.generate import Decoder
 from ernie_cli.model import Experts, ErnieForCausalLM
 
 
@@ -149,8 +150,9 @@ def _peak(device: torch.device) -> int:
 
 
 @torch.inference_mode()
-def _run_once(model: ErnieForCausalLM, spec: BenchCase, ids: torch.Tensor, clock: _Clock) -> tuple[float, float]:
+def _run_once(decoder: Decoder, spec: BenchCase, ids: torch.Tensor, clock: _Clock) -> tuple[float, float]:
     """One repetition: returns (timed seconds, seconds to the first new token)."""
+    model = decoder.model
     model.setup_cache(1, spec.depth + max(spec.prompt, 1) + spec.generate + 1)
     pos = 0
     if spec.depth:
@@ -166,26 +168,27 @@ def _run_once(model: ErnieForCausalLM, spec: BenchCase, ids: torch.Tensor, clock
         pos += spec.prompt
         first = clock.now() - start
     for _ in range(spec.generate):
-        model(ids[:, pos : pos + 1], pos)
+        decoder(ids[:, pos : pos + 1], pos)
         pos += 1
         if first is None:
             first = clock.now() - start
     return clock.now() - start, first
 
 
-def run_test(model: ErnieForCausalLM, spec: BenchCase, repetitions: int, seed: int = 0, progress=None) -> CaseResult:
+def run_test(model: ErnieForCausalLM, spec: BenchCase, repetitions: int, seed: int = 0, progress=None, decoder: Decoder | None = None) -> CaseResult:
     device = model.device
+    decoder = decoder or Decoder(model)
     clock = _Clock(device)
     gen = torch.Generator().manual_seed(seed)
     n = spec.depth + max(spec.prompt, 1) + spec.generate + 1
     ids = torch.randint(3, min(model.config.vocab_size, 100_000), (1, n), generator=gen).to(device)
-    _run_once(model, spec, ids, clock)  # warm-up: allocations, kernel selection, caches
+    _run_once(decoder, spec, ids, clock)  # warm-up: allocations, kernel selection, caches
     _reset_peak(device)
     samples, ttfts = [], []
     for r in range(repetitions):
         if progress:
             progress(spec, r)
-        seconds, first = _run_once(model, spec, ids, clock)
+        seconds, first = _run_once(decoder, spec, ids, clock)
         samples.append(seconds)
         ttfts.append(first)
     result = CaseResult(spec.name, spec.prompt, spec.generate, spec.depth, samples, ttfts, _peak(device))

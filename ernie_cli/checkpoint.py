@@ -41,6 +41,7 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # absolute file position of the first data byte (for plain reads without a memory map)
 
     @property
     def nbytes(self) -> int:
@@ -79,7 +80,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             begin, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise ErnieError(f"{path}: tensor {name} has a corrupt or unsupported header entry: re-download the file.") from None
-        info = TensorInfo(path, dtype, shape)
+        info = TensorInfo(path, dtype, shape, 8 + header_len + begin)
         if end - begin != info.nbytes or begin < 0:
             raise ErnieError(f"{path}: tensor {name} has inconsistent offsets in the header: re-download the file.")
         if end > data_size:

@@ -18,7 +18,7 @@ import torch
 from ernie_cli.config import ErnieConfig
 from ernie_cli.detokenize import StreamingDetokenizer
 from ernie_cli.errors import ErnieError
-from ernie_cli.generate import Timings, generate
+from ernie_cli.generate import Decoder, Timings, generate, use_compile
 from ernie_cli.loader import kv_cache_bytes, load_model, resolve_device, resolve_dtype
 from ernie_cli.config import load_config
 from ernie_cli.model import ErnieForCausalLM
@@ -37,6 +37,7 @@ class Runtime:
     model_dir: Path
     generation_defaults: dict
     load_s: float
+    decoder: Decoder
 
 
 def generation_defaults(model_dir: Path) -> dict:
@@ -64,6 +65,7 @@ def load_runtime(
     max_context: int | None = None,
     quantize: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    compile: str = "auto",
 ) -> Runtime:
     start = time.perf_counter()
     tokenizer = load_tokenizer(model_dir)
@@ -74,7 +76,8 @@ def load_runtime(
     reserve = kv_cache_bytes(cfg, min(context, 8192), resolve_dtype(dtype, cfg, dev))
     kwargs = {"quantize": quantize} if quantize else {}
     model = load_model(model_dir, dev, dtype, progress=progress, reserve_bytes=reserve, **kwargs)
-    return Runtime(model, tokenizer, model.config, model_dir, generation_defaults(model_dir), time.perf_counter() - start)
+    decoder = Decoder(model, use_compile(compile, dev))
+    return Runtime(model, tokenizer, model.config, model_dir, generation_defaults(model_dir), time.perf_counter() - start, decoder)
 
 
 @dataclass
@@ -157,7 +160,7 @@ def complete(runtime: Runtime, request: Request, on_text: Callable[[str], None] 
             pieces.append(text)
             on_text(text)
 
-    for step in generate(runtime.model, prompt_ids, max_new, sampler, stop_ids, request.logprobs, timings):
+    for step in generate(runtime.model, prompt_ids, max_new, sampler, stop_ids, request.logprobs, timings, runtime.decoder):
         tokens.append(step.token)
         if logprobs is not None:
             entry = {"id": step.token, "logprob": step.logprob}

@@ -117,13 +117,23 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     progress: Progress | None = None,
     reserve_bytes: int = 0,
+    quantize: str | None = None,
+    group_size: int | None = None,
+    keep_embeddings: bool = False,
 ) -> ErnieForCausalLM:
-    """Load a checkpoint directory. reserve_bytes: extra memory the caller will need (KV cache)."""
+    """Load a checkpoint directory. reserve_bytes: extra memory the caller will need (KV cache).
+
+    A directory made by `ernie quantize` (config.json has a quantization_config) loads quantized by
+    itself. quantize="int8"/"int4" quantizes a float checkpoint while loading it (group_size and
+    keep_embeddings as for `ernie quantize`); dtype is then the activation dtype.
+    """
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
     device = resolve_device(device) if isinstance(device, str) else device
     if not isinstance(dtype, torch.dtype):
         dtype = resolve_dtype(dtype, cfg, device)
+    if cfg.quantization is not None or quantize:
+        return _load_quantized(model_dir, cfg, device, dtype, progress, reserve_bytes, quantize, group_size, keep_embeddings)
     ckpt = Checkpoint(model_dir)
     params = plan(cfg, ckpt)
     check_fits(parameter_bytes(params, dtype) + reserve_bytes, device, f"{model_dir.name} in {str(dtype).removeprefix('torch.')}")
@@ -144,6 +154,25 @@ def load_model(
     ckpt.close()
     model.eval()
     return model
+
+
+def _load_quantized(model_dir, cfg, device, dtype, progress, reserve_bytes, quantize, group_size, keep_embeddings):
+    from ernie_cli.quant import load as qload
+    from ernie_cli.quant.spec import QuantSpec
+
+    if cfg.quantization is not None:
+        if quantize:
+            raise ErnieError(f"{model_dir.name} is already quantized (its config.json has a quantization_config): drop --quantize.")
+
+        def fits(need: int) -> None:
+            check_fits(need + reserve_bytes, device, f"{model_dir.name} (quantized)")
+
+        return qload.load_quantized(model_dir, cfg, device, dtype, progress, fits)
+    spec = QuantSpec.make(quantize, group_size, keep_embeddings)
+    ckpt = Checkpoint(model_dir)
+    params = plan(cfg, ckpt)
+    check_fits(qload.model_bytes(cfg, spec, dtype) + reserve_bytes, device, f"{model_dir.name} quantized to {quantize}")
+    return qload.load_quantizing(model_dir, cfg, ckpt, params, spec, device, dtype, progress)
 
 
 def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> ErnieForCausalLM:

@@ -58,6 +58,9 @@ def apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (t.float() * cos + _rotate_pairs(t).float() * sin).to(t.dtype)
 
 
+CACHE_BLOCK = 256  # KV cache capacities are multiples of this
+
+
 # ---- KV cache --------------------------------------------------------------------------------------
 
 
@@ -76,6 +79,16 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]  # only the filled part is read
 
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Graph-safe update at positions held in a device tensor; returns the whole buffers."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
 
 # ---- §2.3 attention ---------------------------------------------------------------------------------
 
@@ -92,15 +105,22 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """start: the first position, as an int (eager), or a one-element device tensor (decode graph)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
-            k, v = self.cache.update(start, k, v)
-        out = attend(q, k, v, start, self.scale)
+        if isinstance(start, torch.Tensor):
+            k, v = self.cache.write_at(start, k, v)
+            # Static shapes for the CUDA graph: attend over the whole buffer, masking unfilled slots.
+            mask = (torch.arange(k.shape[2], device=x.device) <= start)[None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        else:
+            if self.cache is not None:
+                k, v = self.cache.update(start, k, v)
+            out = attend(q, k, v, start, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -163,15 +183,39 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and x.device.type != "cpu":
+        on_cpu = x.device.type == "cpu"
+        if x.shape[0] == 1 and (not on_cpu or torch.compiler.is_compiling()):
             return self.gathered(x, weights, idx)
+        if not on_cpu and x.dtype == torch.bfloat16 and _GROUPED_MM is not None:
+            return self.grouped_mm(x, weights, idx)
         return self.grouped(x, weights, idx)
 
     def gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Graph-safe: gather the k selected experts of each token and run them as batched GEMVs."""
-        gate, up = torch.einsum("nh,nkoh->nko", x, self.gate_up_proj[idx]).chunk(2, dim=-1)
-        y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[idx])
+        """Graph-safe: gather the k selected experts of each token and run them as batched GEMVs.
+
+        Written as multiply-and-sum so that, compiled, Inductor fuses the gather into the reduction
+        and reads each selected expert once; eagerly, einsum avoids the big product intermediate.
+        """
+        if torch.compiler.is_compiling():
+            gu = (self.gate_up_proj[idx] * x[:, None, None, :]).sum(-1)
+            gate, up = gu.chunk(2, dim=-1)
+            y = (self.down_proj[idx] * (F.silu(gate) * up)[:, :, None, :]).sum(-1)
+        else:
+            gate, up = torch.einsum("nh,nkoh->nko", x, self.gate_up_proj[idx]).chunk(2, dim=-1)
+            y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, self.down_proj[idx])
         return (y * weights[..., None]).sum(1)
+
+    def grouped_mm(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Prefill on the GPU: all experts in two grouped GEMMs over expert-sorted tokens, no host sync."""
+        k = idx.shape[1]
+        flat = idx.flatten()
+        order = torch.argsort(flat, stable=True)
+        offsets = torch.cumsum(torch.bincount(flat, minlength=self.gate_up_proj.shape[0]), 0).to(torch.int32)
+        tokens = order // k
+        gate, up = _GROUPED_MM(x[tokens], self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        y = _GROUPED_MM(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        y = y * weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, tokens, y)
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """One GEMM per selected expert, in ascending expert order, summed with index_add_ like transformers."""
@@ -191,6 +235,9 @@ class Experts(nn.Module):
             y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[tok, slot, None]
             out.index_add_(0, tok, y.to(out.dtype))
         return out
+
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 class MoE(nn.Module):
@@ -222,7 +269,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -237,28 +284,51 @@ class ErnieForCausalLM(nn.Module):
         # Untied checkpoints get their own head; ERNIE 4.5 releases tie it to the embedding.
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_seq = 0
+        self.quantization = None  # an ernie_cli.quant.spec.QuantSpec when the weights are int8/int4
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The activation dtype (the norms' dtype: a quantized embedding holds no float weight)."""
+        return self.norm.weight.dtype
 
     def setup_cache(self, batch: int, max_seq: int, dtype: torch.dtype | None = None) -> None:
-        """(Re)allocate the KV cache and the RoPE table for up to max_seq positions."""
+        """Make room for max_seq positions. A big enough cache is kept, so a compiled decode step
+        keeps its shapes; a new one is rounded up to whole blocks so few sizes ever exist."""
         cfg, device = self.config, self.device
         dtype = dtype or self.dtype
+        cache = self.layers[0].self_attn.cache
+        if cache is not None and cache.k.shape[0] == batch and cache.k.dtype == dtype and cache.capacity >= max_seq:
+            return
+        max_seq = -(-max_seq // CACHE_BLOCK) * CACHE_BLOCK
         for layer in self.layers:
             layer.self_attn.cache = KVCache(batch, cfg.num_key_value_heads, max_seq, cfg.head_dim, dtype, device)
         self.rope_cos, self.rope_sin = rope_table(cfg.head_dim, cfg.rope_theta, max_seq, device)
         self.max_seq = max_seq
 
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence at position pos (a one-element int64 device tensor) -> logits [B, V].
+
+        No host syncs and no data-dependent shapes, so torch.compile can capture it in one CUDA graph.
+        """
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, pos)
+        return self.head(self.norm(x))[:, -1]
+
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states -> logits. Quantized head modules (ernie_cli.quant) bring their own `project`."""
+        project = getattr(self.embed_tokens if self.lm_head is None else self.lm_head, "project", None)
+        return project(x) if project is not None else F.linear(x, self.head_weight())
 
     def forward(self, tokens: torch.Tensor, start: int = 0, all_logits: bool = False) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 -> logits [B, T or 1, V] (the last position unless all_logits)."""
@@ -273,4 +343,4 @@ class ErnieForCausalLM(nn.Module):
             x = layer(x, cos, sin, start)
         if not all_logits:
             x = x[:, -1:]
-        return F.linear(self.norm(x), self.head_weight())
+        return self.head(self.norm(x))

@@ -86,6 +86,22 @@ def test_gathered_and_grouped_expert_paths_agree(checkpoints):
     assert (a - b).abs().max().item() < 1e-5
 
 
+def test_grouped_mm_prefill_path_agrees_in_bf16(checkpoints):
+    """The GPU prefill path (two grouped GEMMs) against the per-expert loop, both in bf16 on CPU."""
+    from ernie_cli.model import _GROUPED_MM
+
+    if _GROUPED_MM is None:
+        pytest.skip("this torch has no grouped_mm")
+    path, _ = checkpoints("moe")
+    moe = load_model(path, "cpu", torch.bfloat16).layers[1].mlp
+    x = torch.randn(9, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        w, idx = moe.gate(x)
+        a = moe.experts.grouped(x, w, idx).float()
+        b = moe.experts.grouped_mm(x, w, idx).float()
+    assert (a - b).abs().max().item() < 2 ** -7 * a.abs().max().item()  # a few bf16 roundings apart
+
+
 @pytest.mark.parametrize("penalty", [1.0, 1.5])
 @pytest.mark.parametrize("shape", ["dense", "moe", "moe_no_shared", "moe_fused_names"])
 def test_greedy_32_tokens_identical_to_transformers_generate(checkpoints, shape, penalty):

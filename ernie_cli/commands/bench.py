@@ -47,6 +47,7 @@ def bench(
     dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize float weights while loading: int8 or int4.", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads. [default: torch's, usually the physical cores]", show_default=False)] = None,
+    compile: Annotated[str, typer.Option("--compile", help="auto (on for CUDA), on or off: the decode step as one CUDA graph.")] = "auto",
     output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv.")] = "md",
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
 ) -> None:
@@ -67,11 +68,14 @@ def bench(
         raise UsageError("-t must be at least 1.")
     if quantize not in (None, "int8", "int4"):
         raise UsageError(f"--quantize {quantize!r} is not one of int8, int4.")
+    if compile not in ("auto", "on", "off"):
+        raise UsageError(f"--compile {compile!r} is not one of auto, on, off.")
     tests_wanted = (_int_list(prompt, "-p"), _int_list(generate, "-n"), _pairs(pg or []), _int_list(depth, "-d") or [0])
 
     import torch
 
     from ernie_cli import bench as runtime
+    from ernie_cli.generate import Decoder, use_compile
     from ernie_cli.loader import resolve_device
 
     if threads:
@@ -82,12 +86,14 @@ def bench(
     dev = resolve_device(device)
     model_obj, name, size, quant = _load(model, config, layers, dev, dtype, quantize, offline)
     context = runtime.run_context(model_obj, name, size, quant)
+    decoder = Decoder(model_obj, use_compile(compile, dev))
+    context["compiled"] = decoder.compiled
     show = stderr_is_tty()
     rows = []
     for spec in tests:
         if show:
             info(f"running {spec.name} ...")
-        result = runtime.run_test(model_obj, spec, repetitions)
+        result = runtime.run_test(model_obj, spec, repetitions, decoder=decoder)
         rows.append(runtime.result_row(context, result))
     write_stdout(FORMATS[output](rows, context))
 
@@ -158,7 +164,7 @@ def _json(rows: list[dict], context: dict) -> str:
 
 _CSV_FIELDS = [
     "model", "architecture", "layers", "size_on_disk_bytes", "params_total", "params_active", "weight_bytes_in_memory",
-    "device", "device_name", "threads", "dtype", "quantization", "torch", "commit", "date", "test", "prompt_tokens",
+    "device", "device_name", "threads", "dtype", "quantization", "compiled", "torch", "commit", "date", "test", "prompt_tokens",
     "gen_tokens", "depth", "mean_tokens_per_s", "std_tokens_per_s", "median_ttft_ms", "peak_memory_bytes",
     "weight_bytes_per_token", "bandwidth_gb_s",
 ]

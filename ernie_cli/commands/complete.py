@@ -86,6 +86,7 @@ def complete(
     dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize a float checkpoint while loading: int8 or int4.", show_default=False)] = None,
     max_context: Annotated[Optional[int], typer.Option("--max-context", help="Most positions (prompt + output). [default: the model's]", show_default=False)] = None,
+    compile: Annotated[str, typer.Option("--compile", help="auto (on for CUDA), on or off: the decode step as one CUDA graph.")] = "auto",
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network (as HF_HUB_OFFLINE=1).")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No summary line on stderr.")] = False,
 ) -> None:
@@ -102,6 +103,8 @@ def complete(
         raise UsageError(f"--dtype {dtype!r} is not one of auto, bfloat16, float16, float32.")
     if quantize not in (None, "int8", "int4"):
         raise UsageError(f"--quantize {quantize!r} is not one of int8, int4.")
+    if compile not in ("auto", "on", "off"):
+        raise UsageError(f"--compile {compile!r} is not one of auto, on, off.")
     text = gather_prompt(prompt, file)
 
     from ernie_cli import completion
@@ -116,7 +119,7 @@ def complete(
     values = {k: (v if v is not None else defaults.get(k)) for k, v in chosen.items()}
     sampling = SamplingParams(**{k: v for k, v in values.items() if v is not None}, seed=seed).validate()
 
-    runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, progress=_progress_bar(quiet))
+    runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, _progress_bar(quiet), compile)
     request = completion.Request(text, max_tokens, sampling, list(stop or []), ignore_eos, logprobs, max_context)
     if echo and not as_json:
         write_stdout(text)
