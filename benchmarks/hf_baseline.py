@@ -40,8 +40,8 @@ def main() -> None:
     cfg._experts_implementation = args.experts
     dev = torch.device(args.device)
     with torch.device("meta"):
-        model = Ernie4_5_MoeForCausalLM(cfg)
-    model = model.to_empty(device=dev).to(torch.bfloat16)
+        model = Ernie4_5_MoeForCausalLM(cfg).to(torch.bfloat16)  # bf16 before memory exists: fp32 would not fit 80 GB
+    model = model.to_empty(device=dev)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:

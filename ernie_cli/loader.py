@@ -175,6 +175,14 @@ def _load_quantized(model_dir, cfg, device, dtype, progress, reserve_bytes, quan
     return qload.load_quantizing(model_dir, cfg, ckpt, params, spec, device, dtype, progress)
 
 
+def quantize_model(model: ErnieForCausalLM, quantize: str, group_size: int | None = None, keep_embeddings: bool = False) -> ErnieForCausalLM:
+    """Quantize a float model already in memory (e.g. random_model's), in place, module by module."""
+    from ernie_cli.quant import load as qload
+    from ernie_cli.quant.spec import QuantSpec
+
+    return qload.quantize_model(model, QuantSpec.make(quantize, group_size, keep_embeddings))
+
+
 def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> ErnieForCausalLM:
     """The architecture with random weights generated directly on the device (for sizing and benchmarks)."""
     device = torch.device(device)

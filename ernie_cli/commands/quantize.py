@@ -1,0 +1,102 @@
+"""`ernie quantize`: make an int8 or int4 copy of a bf16 ERNIE checkpoint, offline, in bounded memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ernie_cli.console import err, info, stderr_is_tty, write_stdout
+from ernie_cli.errors import UsageError
+
+
+def quantize(
+    source: Annotated[str, typer.Argument(help="bf16/fp16/fp32 ERNIE 4.5 model: a directory or a Hub repo id.", show_default=False)],
+    output: Annotated[Path, typer.Argument(help="New directory for the quantized model.", show_default=False)],
+    format: Annotated[str, typer.Option("--format", help="int8 (per-channel) or int4 (group-wise, ~1/4 of bf16).", show_default=False)] = "",
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="int4 weights per scale and zero: 32, 64 or 128 (default 64).", show_default=False)] = None,
+    keep_embeddings: Annotated[bool, typer.Option("--keep-embeddings", help="Keep the embedding/lm_head in bf16 instead of int8.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (only once the new copy is complete).")] = False,
+    evaluate: Annotated[bool, typer.Option("--eval", help="Then compare it with SOURCE on the held-out text (KL, top-1, perplexity).")] = False,
+    eval_only: Annotated[bool, typer.Option("--eval-only", help="Quantize nothing: compare the existing model OUTPUT with SOURCE.")] = False,
+    eval_tokens: Annotated[Optional[int], typer.Option("--eval-tokens", help="Score only the first N held-out tokens.  [default: all, ~4600]", show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="Where --eval runs the two models: auto, cpu, cuda or cuda:N.")] = "auto",
+    offline: Annotated[bool, typer.Option("--offline", help="Never touch the network (as HF_HUB_OFFLINE=1).")] = False,
+    quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress or summary on stderr.")] = False,
+) -> None:
+    """Quantize SOURCE into OUTPUT, which `ernie complete -m OUTPUT` then loads like any model.
+
+    Attention, dense MLP, shared and routed experts go to --format; the embedding/lm_head to int8; norms and the MoE router stay as they are.
+
+    Streams tensor by tensor, so memory stays near 1-2 GB whatever the model size. The last line on stdout is OUTPUT's path.
+    """
+    from ernie_cli.quant.spec import QuantSpec
+
+    if eval_only:
+        if format or group_size is not None or keep_embeddings or force:
+            raise UsageError("--eval-only quantizes nothing: drop --format, --group-size, --keep-embeddings and --force.")
+    else:
+        if not format:
+            raise UsageError("pass --format int8 or --format int4.")
+        if format not in ("int8", "int4"):
+            raise UsageError(f"--format {format!r} is not one of int8, int4.")
+        if format == "int8" and group_size is not None:
+            raise UsageError("--group-size applies to --format int4 only (int8 has one scale per output channel).")
+    if eval_tokens is not None and eval_tokens < 16:
+        raise UsageError("--eval-tokens must be at least 16.")
+
+    from ernie_cli.hub import resolve_model
+
+    source_dir = resolve_model(source, offline=True if offline else None, quiet=quiet)
+
+    if not eval_only:
+        from ernie_cli.quant.convert import quantize_checkpoint
+
+        spec = QuantSpec.make(format, group_size, keep_embeddings)
+        update, stop = _progress_bar(quiet)
+        try:
+            summary = quantize_checkpoint(source_dir, output, spec, force=force, progress=update)
+        finally:
+            stop()
+        if not quiet:
+            gb = 1e9
+            info(
+                f"quantized {summary['source_bytes'] / gb:.2f} GB into {summary['output_bytes'] / gb:.2f} GB "
+                f"({summary['shards']} shard{'s' if summary['shards'] > 1 else ''}) in {summary['seconds']:.1f} s, "
+                f"{summary['source_mb_per_s']:.0f} MB/s"
+            )
+    elif not (output / "config.json").is_file():
+        raise UsageError(f"--eval-only needs an existing model directory as OUTPUT; {output} has no config.json.")
+
+    if evaluate or eval_only:
+        from ernie_cli.quant.evaluate import evaluate_dirs, format_report, write_report
+
+        if not quiet:
+            info("evaluating on the held-out text (the source model runs first, then the quantized one)...")
+        report = evaluate_dirs(source_dir, output, device=device, max_tokens=eval_tokens)
+        path = write_report(report, output)
+        write_stdout(format_report(report) + "\n")
+        if eval_only:
+            write_stdout(f"{path}\n")
+            return
+    write_stdout(f"{output}\n")
+
+
+def _progress_bar(quiet: bool):
+    """A rich bar over the source bytes quantized, only for a person watching stderr."""
+    if quiet or not stderr_is_tty():
+        return None, lambda: None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress("quantizing", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("quantize", total=total)
+        bar.update(task, completed=done)
+
+    return update, bar.stop

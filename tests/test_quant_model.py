@@ -1,0 +1,257 @@
+"""Quantized tiny models against transformers' float32 reference, and the loading paths.
+
+The tiny models have random weights, which makes them far touchier than trained ones (their bf16
+copy alone is at KL 6e-4 from float32, against 2.5e-5 for a real 8B model in llama.cpp's table), so
+the bounds below are about the formats' relative cost, not absolute quality. Measured when written
+(mean KL over 4 x 64 positions, CPU kernels): moe int8 1.4e-3, int4 g32 7.2e-2, g64 9.6e-2;
+dense int8 4.5e-4, int4 g32 4.4e-2, g64 5.7e-2.
+"""
+
+import pytest
+import torch
+
+from ernie_cli.loader import load_model
+from ernie_cli.quant import formats
+from ernie_cli.quant.convert import quantize_checkpoint
+from ernie_cli.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, quantized_nbytes
+from ernie_cli.quant.spec import QuantSpec
+
+
+def _ids(batch=4, n=64, seed=0):
+    return torch.randint(3, 500, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _kl(p_logits, q_logits):
+    return torch.nn.functional.kl_div(q_logits.log_softmax(-1), p_logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+
+
+@pytest.fixture(scope="module")
+def quantized(checkpoints, tmp_path_factory):
+    """(shape, fmt, group) -> directory written by `ernie quantize`, made once per module."""
+    cache = {}
+
+    def get(shape, fmt, group=None, **kw):
+        key = (shape, fmt, group, tuple(sorted(kw.items())))
+        if key not in cache:
+            src, _ = checkpoints(shape)
+            out = tmp_path_factory.mktemp("q") / f"{shape}-{fmt}-{group}"
+            quantize_checkpoint(src, out, QuantSpec.make(fmt, group, **kw), shard_bytes=kw.get("shard_bytes", 1 << 30))
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("shape", ["moe", "dense"])
+def test_quantized_logits_close_to_the_float_reference(checkpoints, quantized, shape):
+    _, ref = checkpoints(shape)
+    ids = _ids()
+    with torch.no_grad():
+        expected = ref(ids).logits
+    kl, top1 = {}, {}
+    for fmt, group in (("int8", None), ("int4", 32), ("int4", 64)):
+        model = load_model(quantized(shape, fmt, group), "cpu", torch.float32)
+        with torch.no_grad():
+            got = model(ids, 0, all_logits=True)
+        kl[fmt, group] = _kl(expected, got).mean().item()
+        top1[fmt, group] = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+    # int8: a few times the bf16 copy's own KL (6.5e-4 moe, 1.4e-4 dense); int4: the 4-bit grid.
+    assert kl["int8", None] < 4e-3 and top1["int8", None] >= 0.85
+    for group in (32, 64):
+        assert kl["int4", group] < 0.2 and top1["int4", group] >= 0.35
+        # int8's weight error is ~70x smaller (rel. MSE 1e-4 vs 7e-3): its KL must be far below.
+        assert kl["int8", None] * 15 < kl["int4", group]
+    assert kl["int4", 32] < kl["int4", 64] * 1.05  # smaller groups are no worse
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantizing_while_loading_equals_the_offline_copy(checkpoints, quantized, fmt):
+    src, _ = checkpoints("moe")
+    offline = load_model(quantized("moe", fmt, 32 if fmt == "int4" else None), "cpu", torch.float32)
+    online = load_model(src, "cpu", torch.float32, quantize=fmt, group_size=32 if fmt == "int4" else None)
+    ids = _ids(2, 24)
+    with torch.no_grad():
+        assert torch.equal(offline(ids, 0, all_logits=True), online(ids, 0, all_logits=True))
+
+
+@pytest.mark.parametrize("shape", ["moe_fused_names", "moe_sharded"])
+def test_checkpoint_layouts_quantize_to_the_same_tensors(checkpoints, quantized, shape):
+    from safetensors.torch import load_file
+
+    def tensors(path):
+        out = {}
+        for f in sorted(path.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    a, b = tensors(quantized("moe", "int4", 64)), tensors(quantized(shape, "int4", 64))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("shape", ["moe", "dense", "moe_interval2"])
+def test_incremental_decoding_matches_full_forward(quantized, shape, fmt):
+    """Prefill, a chunk onto the cache, then one token at a time (the CPU path that touches only the
+    k selected experts). The int kernels round their bf16 output per call, so the bound is on the
+    distributions, not on bits: KL below 1e-4 (bf16's own cost is 6e-4)."""
+    model = load_model(quantized(shape, fmt, 32 if fmt == "int4" else None), "cpu", torch.float32)
+    ids = _ids(1, 20, seed=4)
+    with torch.no_grad():
+        full = model(ids, 0, all_logits=True)
+        model.setup_cache(1, 32)
+        parts = [model(ids[:, :8], 0, all_logits=True), model(ids[:, 8:13], 8, all_logits=True)]
+        parts += [model(ids[:, p : p + 1], p, all_logits=True) for p in range(13, 20)]
+    step = torch.cat(parts, dim=1)
+    assert _kl(full, step).max() < 1e-4
+    assert (full.argmax(-1) == step.argmax(-1)).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cpu_kernels_agree_with_the_dequantize_path(quantized, monkeypatch, fmt):
+    """ERNIE_QUANT_BACKEND=dequant runs on the CPU the code CUDA runs (dequantize, then matmul in the
+    activation dtype, experts gathered by index in decode); it must agree with the int kernels up to
+    their bf16 activations."""
+    path = quantized("moe", fmt, 32 if fmt == "int4" else None)
+    monkeypatch.delenv("ERNIE_QUANT_BACKEND", raising=False)
+    kernels = load_model(path, "cpu", torch.float32)
+    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant")
+    plain = load_model(path, "cpu", torch.float32)
+    assert plain.layers[1].mlp.experts.gate_up_proj.backend == "dequant"
+    assert kernels.layers[1].mlp.experts.gate_up_proj.backend == "cpu"
+    ids = _ids(2, 32, seed=5)
+    with torch.no_grad():
+        a, b = kernels(ids, 0, all_logits=True), plain(ids, 0, all_logits=True)
+        # the one-token path: `selected` on the CPU kernels, `gathered` on the dequantize path
+        kernels.setup_cache(1, 4), plain.setup_cache(1, 4)
+        da, db = kernels(ids[:1, :1], 0), plain(ids[:1, :1], 0)
+    assert _kl(a, b).mean() < 1e-3
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9  # the bf16 model's own bound against fp32
+    assert _kl(da, db).max() < 1e-3
+
+
+def test_modules_are_replaced_and_bytes_match_the_disk(quantized):
+    path = quantized("moe", "int4", 64)
+    model = load_model(path, "cpu", torch.bfloat16)
+    assert isinstance(model.embed_tokens, QuantEmbedding)
+    assert isinstance(model.layers[0].self_attn.q_proj, QuantLinear)
+    assert isinstance(model.layers[0].mlp.gate_up_proj, QuantLinear)
+    assert isinstance(model.layers[1].mlp.experts, QuantExperts)
+    assert isinstance(model.layers[1].mlp.shared_experts.down_proj, QuantLinear)
+    assert model.layers[1].mlp.gate.weight.dtype == torch.float32  # the router is never quantized
+    assert model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
+    assert model.norm.weight.dtype == torch.bfloat16 and model.dtype == torch.bfloat16
+    assert model.quantization.format == "int4"
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    disk = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    # The runtime layout pads N to 16 and K to the group for the CPU kernel: a little over the disk size.
+    assert disk * 0.9 < quantized_nbytes(model) < disk * 1.3
+
+
+def test_keep_embeddings_and_untied_head(checkpoints, tmp_path):
+    from tiny_models import load_reference, write_checkpoint
+
+    src, _ = checkpoints("dense")
+    out = tmp_path / "keep"
+    quantize_checkpoint(src, out, QuantSpec.make("int8", keep_embeddings=True))
+    model = load_model(out, "cpu", torch.float32)
+    assert isinstance(model.embed_tokens, torch.nn.Embedding)
+
+    untied, _ = write_checkpoint(tmp_path / "untied", "dense", tie_word_embeddings=False)
+    quantize_checkpoint(untied, tmp_path / "untied-q", QuantSpec.make("int4", 32))
+    model = load_model(tmp_path / "untied-q", "cpu", torch.float32)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.fmt == "int8"  # the head goes to int8
+    ref = load_reference(untied)
+    ids = _ids(2, 32)
+    with torch.no_grad():
+        assert _kl(ref(ids).logits, model(ids, 0, all_logits=True)).mean() < 0.2
+
+
+def test_memory_estimate_uses_quantized_sizes(checkpoints, quantized, monkeypatch):
+    import ernie_cli.loader as loader
+    from ernie_cli.config import load_config
+    from ernie_cli.quant.load import model_bytes
+
+    src, _ = checkpoints("moe")
+    cfg = load_config(src)
+    q4 = model_bytes(cfg, QuantSpec.make("int4", 64), torch.bfloat16)
+    assert q4 < 0.5 * loader.parameter_bytes(loader.plan(cfg, loader.Checkpoint(src)), torch.bfloat16)
+    monkeypatch.setattr(loader, "available_bytes", lambda device: q4 + 1000)
+    load_model(quantized("moe", "int4", 64), "cpu", torch.bfloat16)  # fits
+    load_model(src, "cpu", torch.bfloat16, quantize="int4")  # fits when quantized on the way in
+    monkeypatch.setattr(loader, "available_bytes", lambda device: q4 - 1000)
+    with pytest.raises(loader.ErnieError, match="needs about"):
+        load_model(quantized("moe", "int4", 64), "cpu", torch.bfloat16)
+
+
+def test_generate_runs_on_a_quantized_model(quantized):
+    from ernie_cli.generate import generate
+    from ernie_cli.sampling import Sampler, SamplingParams
+
+    model = load_model(quantized("moe", "int4", 64), "cpu", torch.bfloat16)
+    sampler = Sampler(SamplingParams(temperature=0), model.config.vocab_size, model.device)
+    tokens = [s.token for s in generate(model, [5, 6, 7, 8], 12, sampler)]
+    assert len(tokens) == 12 and all(0 <= t < 512 for t in tokens)
+
+
+def test_quantize_flag_refused_on_a_quantized_directory(quantized):
+    from ernie_cli.errors import ErnieError
+
+    with pytest.raises(ErnieError, match="already quantized"):
+        load_model(quantized("moe", "int8"), "cpu", torch.float32, quantize="int4")
+
+
+def test_corrupt_quantized_checkpoints_are_refused(quantized, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from ernie_cli.errors import ErnieError
+
+    src = quantized("moe", "int4", 64)
+    bad = tmp_path / "bad"
+    shutil.copytree(src, bad)
+    state = load_file(str(bad / "model.safetensors"))
+    name = "layers.2.mlp.experts.down_proj.scales"
+    del state[name]
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(ErnieError, match=rf"tensor {name} is missing"):
+        load_model(bad, "cpu", torch.float32)
+    state[name] = torch.zeros(3)
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(ErnieError, match=rf"tensor {name} has shape \[3\]"):
+        load_model(bad, "cpu", torch.float32)
+
+
+def test_format_numbers_in_config_describe_the_tensors(quantized):
+    import json
+
+    from ernie_cli.checkpoint import Checkpoint
+
+    path = quantized("moe", "int4", 64)
+    q = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "ernie_cli" and q["format"] == "int4" and q["group_size"] == 64
+    assert q["modules"] == {"attention": "int4", "dense_mlp": "int4", "shared_experts": "int4", "experts": "int4", "embeddings": "int8"}
+    assert set(q) >= {"int4", "int8", "scale_dtype", "symmetric", "bits", "format_version", "refinement"}
+    t = Checkpoint(path).tensors
+    assert t["layers.1.mlp.experts.gate_up_proj.qweight"].shape == (8, 48, 32)  # [E, 2I, H/2]
+    assert t["layers.1.mlp.experts.gate_up_proj.scales"].shape == (8, 48, 1)
+    assert t["layers.1.mlp.experts.down_proj.scales"].shape == (8, 64, 1)  # I = 24: one short group
+    assert t["embed_tokens.weight.qweight"].dtype == torch.int8
+    assert t["layers.1.mlp.gate.weight"].dtype == torch.float32
+    assert formats.unpack_int4(torch.tensor([[0x21]], dtype=torch.uint8)).tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(checkpoints, fmt):
+    """loader.quantize_model (used by `ernie bench --config ... --quantize`) on a float model."""
+    from ernie_cli.loader import quantize_model
+
+    src, _ = checkpoints("moe")
+    in_memory = quantize_model(load_model(src, "cpu", torch.float32), fmt, 32)
+    online = load_model(src, "cpu", torch.float32, quantize=fmt, group_size=32)
+    assert isinstance(in_memory.layers[1].mlp.experts, QuantExperts) and in_memory.quantization.format == fmt
+    assert not [n for n, p in in_memory.named_parameters() if p.dtype == torch.float32 and p.dim() == 3]
+    ids = _ids(2, 24)
+    with torch.no_grad():
+        assert torch.equal(in_memory(ids, 0, all_logits=True), online(ids, 0, all_logits=True))
