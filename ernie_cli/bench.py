@@ -207,12 +207,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -244,7 +238,7 @@ def run_context(model: ErnieForCausalLM, model_name: str, size_on_disk: int | No
         "torch": torch.__version__,
         "commit": git_commit(),
         "date": time.strftime("%Y-%m-%d"),
-        "hostname_cores": os.cpu_count(),
+        "cpu_count": os.cpu_count(),
     }
 
 

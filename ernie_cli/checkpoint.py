@@ -3,18 +3,24 @@
 Headers are parsed here rather than trusted to safetensors so that a truncated or corrupt file, a
 shard missing from disk, or a tensor the index promises but the shard lacks each fail before any
 weight is read, with a message that names the file and the tensor.
+
+Tensors are read with plain positional reads into a fresh tensor, not through a memory map: a map
+would make the same copy, but every page it touched would stay in the process's resident set until
+the map is closed, so loading (or quantizing) would hold the file's pages and the copies at once,
+twice the model. Reads still come from the page cache, so a second run starts without disk I/O.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ernie_cli.errors import ErnieError
 
@@ -45,10 +51,14 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
+
+
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * dtype.itemsize
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -89,8 +99,58 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def byte_view(t: torch.Tensor):
+    """A writable view of a contiguous CPU tensor's bytes (no copy, no numpy)."""
+    return (ctypes.c_ubyte * (t.numel() * t.element_size())).from_address(t.data_ptr())
+
+
+class TensorReader:
+    """Tensors of a Checkpoint, read with plain positional reads (no memory map; safe from several threads)."""
+
+    def __init__(self, ckpt: "Checkpoint"):
+        self.tensors = ckpt.tensors
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name`; with rows=(begin, end), only those rows of it seen as a matrix [-1, last dim]."""
+        info = self.tensors[name]
+        shape: list[int] = list(info.shape)
+        offset, nbytes = info.offset, info.nbytes
+        if rows is not None:
+            begin, end = rows
+            row_bytes = shape[-1] * info.dtype.itemsize if shape else nbytes
+            offset += begin * row_bytes
+            nbytes = (end - begin) * row_bytes
+            shape = [end - begin, shape[-1]]
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            fd = self._fd(info.file)
+            view = memoryview(byte_view(out)).cast("B")
+            got = 0
+            while got < nbytes:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if not n:
+                    raise ErnieError(f"{info.file}: tensor {name} ends early (the file was truncated while reading); re-download the file.")
+                got += n
+        return out.view(info.dtype).view(shape)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
 class Checkpoint:
-    """Every tensor of a model directory, read lazily through memory-mapped safe_open handles."""
+    """Every tensor of a model directory, checked up front and read one at a time on demand."""
 
     def __init__(self, model_dir: Path):
         self.dir = Path(model_dir)
@@ -104,7 +164,7 @@ class Checkpoint:
             info = self.tensors.get(name)
             if info is None or info.file != file:
                 raise ErnieError(f"{file} does not hold tensor {name}, which {INDEX_FILE} says it does: re-download the model.")
-        self._handles: dict[Path, object] = {}
+        self._reader = TensorReader(self)
 
     def _index_map(self) -> dict[str, Path]:
         index = self.dir / INDEX_FILE
@@ -138,14 +198,7 @@ class Checkpoint:
         return sum(os.path.getsize(f) for f in self.files)
 
     def get(self, name: str) -> torch.Tensor:
-        info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-        try:
-            return handle.get_tensor(name)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise ErnieError(f"{info.file}: cannot read tensor {name} ({exc}); re-download the file.") from None
+        return self._reader.read(name)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._reader.close()

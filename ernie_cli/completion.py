@@ -13,14 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 
-from ernie_cli.config import ErnieConfig
+from ernie_cli.config import ErnieConfig, load_config
 from ernie_cli.detokenize import StreamingDetokenizer
 from ernie_cli.errors import ErnieError
 from ernie_cli.generate import Decoder, Timings, generate, use_compile
 from ernie_cli.loader import kv_cache_bytes, load_model, resolve_device, resolve_dtype
-from ernie_cli.config import load_config
 from ernie_cli.model import ErnieForCausalLM
 from ernie_cli.sampling import Sampler, SamplingParams
 from ernie_cli.tokenizer import ErnieTokenizer, load_tokenizer
@@ -183,9 +181,3 @@ def complete(runtime: Runtime, request: Request, on_text: Callable[[str], None] 
         else:
             emit(stops.flush())
     return Result("".join(pieces), prompt_ids, tokens, finish, logprobs, timings)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"

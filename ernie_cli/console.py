@@ -21,6 +21,25 @@ def info(message: str, quiet: bool = False) -> None:
         err.print(message, markup=False)
 
 
+def byte_progress(label: str, quiet: bool = False):
+    """(update(done, total), stop()) for a rich bar over bytes, only for a person watching stderr."""
+    if quiet or not stderr_is_tty():
+        return None, lambda: None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(label, BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(label, total=total)
+        bar.update(task, completed=done)
+
+    return update, bar.stop
+
+
 def warn(message: str) -> None:
     err.print(f"warning: {message}", markup=False)
 

@@ -217,24 +217,31 @@ class Experts(nn.Module):
         y = y * weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """One GEMM per selected expert, in ascending expert order, summed with index_add_ like transformers."""
-        k = idx.shape[1]
-        flat = idx.flatten()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        tokens, slots = order // k, order % k
-        out = torch.zeros_like(x)
-        begin = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok, slot = tokens[begin : begin + n], slots[begin : begin + n]
-            begin += n
-            gate, up = F.linear(x[tok], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights[tok, slot, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        return run_grouped(self.expert, self.gate_up_proj.shape[0], x, weights, idx)
+
+
+def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """One GEMM per selected expert (expert(x_e, e)), in ascending expert order, summed with index_add_
+    exactly like transformers' eager loop (so float32 on the CPU matches it bit for bit)."""
+    k = idx.shape[1]
+    flat = idx.flatten()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    tokens, slots = order // k, order % k
+    out = torch.zeros_like(x)
+    begin = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        tok, slot = tokens[begin : begin + n], slots[begin : begin + n]
+        begin += n
+        out.index_add_(0, tok, (expert(x[tok], e) * weights[tok, slot, None]).to(out.dtype))
+    return out
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)

@@ -1,6 +1,5 @@
 """float32 logits and greedy tokens against transformers' eager implementation."""
 
-import json
 
 import pytest
 import torch

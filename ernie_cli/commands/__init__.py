@@ -16,10 +16,4 @@ _COMMANDS = [
 
 def registered_commands():
     for name, module, func in _COMMANDS:
-        try:
-            mod = importlib.import_module(f"ernie_cli.commands.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"ernie_cli.commands.{module}":
-                continue  # not written yet
-            raise
-        yield name, getattr(mod, func)
+        yield name, getattr(importlib.import_module(f"ernie_cli.commands.{module}"), func)

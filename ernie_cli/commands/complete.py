@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ernie_cli.console import err, info, stderr_is_tty, warn, write_stdout
+from ernie_cli.console import byte_progress, info, warn, write_stdout
 from ernie_cli.errors import UsageError
 from ernie_cli.hub import DEFAULT_MODEL
 
@@ -119,7 +119,11 @@ def complete(
     values = {k: (v if v is not None else defaults.get(k)) for k, v in chosen.items()}
     sampling = SamplingParams(**{k: v for k, v in values.items() if v is not None}, seed=seed).validate()
 
-    runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, _progress_bar(quiet), compile)
+    progress, stop_progress = byte_progress("loading weights", quiet)
+    try:
+        runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, progress, compile)
+    finally:
+        stop_progress()
     request = completion.Request(text, max_tokens, sampling, list(stop or []), ignore_eos, logprobs, max_context)
     if echo and not as_json:
         write_stdout(text)
@@ -148,24 +152,3 @@ def complete(
             f"prefill {t.prefill_tps:.1f} tok/s, decode {t.decode_tps:.1f} tok/s; "
             f"load {runtime.load_s:.1f} s; finish: {result.finish_reason}"
         )
-
-
-def _progress_bar(quiet: bool):
-    """A rich bar over the bytes of weights loaded, only for a person watching stderr."""
-    if quiet or not stderr_is_tty():
-        return None
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-
-    bar = Progress("loading weights", BarColumn(), DownloadColumn(), TimeRemainingColumn(), console=err, transient=True)
-    task = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("load", total=total)
-        bar.update(task, completed=done)
-        if done >= total:
-            bar.stop()
-
-    return update

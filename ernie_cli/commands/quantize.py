@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ernie_cli.console import err, info, stderr_is_tty, write_stdout
+from ernie_cli.console import byte_progress, info, write_stdout
 from ernie_cli.errors import UsageError
 
 
@@ -54,7 +54,7 @@ def quantize(
         from ernie_cli.quant.convert import quantize_checkpoint
 
         spec = QuantSpec.make(format, group_size, keep_embeddings)
-        update, stop = _progress_bar(quiet)
+        update, stop = byte_progress("quantizing", quiet)
         try:
             summary = quantize_checkpoint(source_dir, output, spec, force=force, progress=update)
         finally:
@@ -81,22 +81,3 @@ def quantize(
             write_stdout(f"{path}\n")
             return
     write_stdout(f"{output}\n")
-
-
-def _progress_bar(quiet: bool):
-    """A rich bar over the source bytes quantized, only for a person watching stderr."""
-    if quiet or not stderr_is_tty():
-        return None, lambda: None
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    bar = Progress("quantizing", BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
-    task = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("quantize", total=total)
-        bar.update(task, completed=done)
-
-    return update, bar.stop

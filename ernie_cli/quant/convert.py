@@ -22,12 +22,12 @@ from typing import Callable
 
 import torch
 
-from ernie_cli.checkpoint import Checkpoint
+from ernie_cli.checkpoint import Checkpoint, TensorReader
 from ernie_cli.config import load_config
 from ernie_cli.errors import ErnieError
 from ernie_cli.layout import Param, plan
 from ernie_cli.quant import formats
-from ernie_cli.quant.io import OutTensor, ShardWriter, TensorReader
+from ernie_cli.quant.io import OutTensor, ShardWriter
 from ernie_cli.quant.spec import QuantSpec
 
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -89,7 +89,7 @@ def read_block(param: Param, reader: TensorReader, unit: int | None, begin: int,
 
 def read_whole(param: Param, reader: TensorReader, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A parameter assembled as the float loader does it (used for the small unquantized ones)."""
-    dtype = dtype or reader.ckpt.tensors[param.pieces[0].source].dtype
+    dtype = dtype or reader.tensors[param.pieces[0].source].dtype
     out = torch.empty(param.shape, dtype=dtype)
     for piece in param.pieces:
         out[piece.index].copy_(reader.read(piece.source).reshape(out[piece.index].shape))

@@ -1,9 +1,6 @@
 """Plain reads and streamed writes of safetensors files, with bounded memory.
 
-Reading: `TensorReader` copies one tensor (or a run of its leading rows) straight from the file
-into a fresh tensor with ordinary reads. A memory map would do the same copy, but every page it
-touched would stay in the process's resident set until the map is closed: quantizing a 43.7 GB
-checkpoint through maps makes the RSS climb towards the size of a whole source shard.
+Reading is checkpoint.TensorReader (plain positional reads, see there).
 
 Writing: `ShardWriter` is told every output tensor's name, dtype and shape up front (the quantized
 layout is known before any weight is read), so it splits them into shards and writes each shard's
@@ -13,18 +10,15 @@ memory for a shard to fill.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ernie_cli.checkpoint import INDEX_FILE, Checkpoint
-from ernie_cli.errors import ErnieError
+from ernie_cli.checkpoint import INDEX_FILE, byte_view, tensor_nbytes
 
 ST_DTYPES = {
     torch.bfloat16: "BF16",
@@ -40,56 +34,6 @@ ST_DTYPES = {
 }
 
 
-def _buffer(t: torch.Tensor):
-    """A writable view of a contiguous CPU tensor's bytes (no copy, no numpy)."""
-    return (ctypes.c_ubyte * (t.numel() * t.element_size())).from_address(t.data_ptr())
-
-
-class TensorReader:
-    """Tensors of a Checkpoint, read with plain positional reads (no memory map; safe from several threads)."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
-
-    def _fd(self, path: Path) -> int:
-        with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            return fd
-
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """The tensor `name`; with rows=(begin, end), only those rows of it seen as a matrix [-1, last dim]."""
-        info = self.ckpt.tensors[name]
-        shape: list[int] = list(info.shape)
-        offset, nbytes = info.offset, info.nbytes
-        if rows is not None:
-            begin, end = rows
-            row_bytes = shape[-1] * info.dtype.itemsize if shape else nbytes
-            offset += begin * row_bytes
-            nbytes = (end - begin) * row_bytes
-            shape = [end - begin, shape[-1]]
-        out = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            fd = self._fd(info.file)
-            view = memoryview(_buffer(out)).cast("B")
-            got = 0
-            while got < nbytes:
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if not n:
-                    raise ErnieError(f"{info.file}: tensor {name} ends early (the file was truncated while reading); re-download the file.")
-                got += n
-        return out.view(info.dtype).view(shape)
-
-    def close(self) -> None:
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-
-
 @dataclass(frozen=True)
 class OutTensor:
     name: str
@@ -98,10 +42,7 @@ class OutTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 def shard_names(count: int) -> list[str]:
@@ -157,7 +98,7 @@ class ShardWriter:
             self._open_next_shard()
         t = tensor.detach().to("cpu").contiguous()
         if t.numel():
-            self._file.write(_buffer(t))
+            self._file.write(byte_view(t))
         self._next += 1
         self._left_in_shard -= 1
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie_cli.model import run_grouped
 from ernie_cli.quant import formats
 
 BF16 = torch.bfloat16
@@ -300,21 +301,7 @@ class QuantExperts(nn.Module):
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Many tokens: grouped by expert, one (int kernel) GEMM per expert, like model.Experts.grouped."""
-        k = idx.shape[1]
-        flat = idx.flatten()
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
-        tokens, slots = order // k, order % k
-        out = torch.zeros_like(x)
-        begin = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            tok, slot = tokens[begin : begin + n], slots[begin : begin + n]
-            begin += n
-            y = self._expert(x[tok], e) * weights[tok, slot, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out
+        return run_grouped(self._expert, self.gate_up_proj.shape[0], x, weights, idx)
 
 
 def quantized_nbytes(model: nn.Module) -> int:
