@@ -1,8 +1,9 @@
 """Build an ErnieForCausalLM on a device from a checkpoint directory (or from random numbers).
 
 The model is first built on the meta device (no memory), then each parameter is allocated once on
-the target device and filled piece by piece from the memory-mapped safetensors files. At any moment
-the host holds the parameters loaded so far plus the one tensor being copied: never the model twice.
+the target device and filled piece by piece from the safetensors files (positional reads, see
+checkpoint.py). At any moment the host holds the parameters loaded so far plus the one tensor being
+copied: never the model twice.
 """
 
 from __future__ import annotations
