@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
 # One device call: CUDA parity (issue 2), ernie bench on the full 21B-A3B shape and transformers' baseline (issue 4).
 set -u
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-CFG=benchmarks/configs/ERNIE-4.5-21B-A3B-Base-PT.json
 python3 benchmarks/cuda_parity.py 2>&1 | grep -v -e Loading -e Writing | tee $OUT/parity.txt
 python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -p 512 -n 128 -r 3 -o json > $OUT/ours.json 2> $OUT/ours.err
 python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -p 0 -n 128 -d 8192 -r 3 -o json > $OUT/ours_depth.json 2>> $OUT/ours.err

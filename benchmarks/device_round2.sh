@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # Device call 2: compiled decode (issue 7) checked against eager, then timed beside transformers.
 set -u
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-CFG=benchmarks/configs/ERNIE-4.5-21B-A3B-Base-PT.json
 B="python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -r 5 -o json"
 timeout 200 python3 benchmarks/cuda_parity.py 2>&1 | grep -v -e Loading -e Writing | tail -16
 ( time $B -p 512 -n 128 --compile on > $OUT/c.json ) 2> $OUT/c.err; tail -4 $OUT/c.err

@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # Device call 3: int8 / int4 decode with the compiled step (issue 7), bf16 rerun as the same-call baseline.
 set -u
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-CFG=benchmarks/configs/ERNIE-4.5-21B-A3B-Base-PT.json
 B="python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -r 5 -o json --compile on"
 timeout 100 $B -p 512 -n 128 > $OUT/bf16.json 2> $OUT/err.txt
 timeout 150 $B -p 512 -n 128 --quantize int8 > $OUT/int8.json 2>> $OUT/err.txt

@@ -2,11 +2,8 @@
 # Device call 4: Inductor coordinate-descent tuning on/off for the compiled decode (8-layer shape),
 # and transformers' grouped_mm baseline on the full shape on the same card.
 set -u
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "editable install failed"
+source benchmarks/device_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
-CFG=benchmarks/configs/ERNIE-4.5-21B-A3B-Base-PT.json
 B="python3 -m ernie_cli bench --config $CFG --layers 8 --device cuda --dtype bfloat16 -r 5 -p 0 -n 128 -o json --compile on"
 for q in none int8 int4; do
   Q=""; [ $q != none ] && Q="--quantize $q"

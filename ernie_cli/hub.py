@@ -30,6 +30,7 @@ from pathlib import Path
 from ernie_cli import __version__
 from ernie_cli.console import info, stderr_is_tty, warn
 from ernie_cli.errors import ErnieError, UsageError
+from ernie_cli.tokenizer import SPM_MODEL, TOKENIZER_FILES, TOKENIZER_JSON
 
 DEFAULT_MODEL = "baidu/ERNIE-4.5-21B-A3B-Base-PT"
 
@@ -37,17 +38,12 @@ DEFAULT_MODEL = "baidu/ERNIE-4.5-21B-A3B-Base-PT"
 DEFAULT_PATTERNS = (
     "config.json",
     "generation_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
+    *TOKENIZER_FILES,
     "*.safetensors",
     "model.safetensors.index.json",
     "LICENSE*",
     "README.md",
 )
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 WORKERS = 4  # parallel files: one Hub connection rarely fills a fast link
@@ -214,7 +210,7 @@ def check_snapshot(path: str | Path) -> list[str]:
             problems += [f"missing {shard} (named in {WEIGHTS_INDEX})" for shard in shards if not (path / shard).is_file()]
     elif not (path / "model.safetensors").is_file():
         problems.append(f"missing {WEIGHTS_INDEX} or model.safetensors")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if not any((path / name).is_file() for name in (TOKENIZER_JSON, SPM_MODEL)):
         problems.append("missing tokenizer.json or tokenizer.model")
     return problems
 

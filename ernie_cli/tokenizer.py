@@ -32,6 +32,8 @@ ADDED_TOKENS = "added_tokens.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 SPM_COMPANIONS = (ADDED_TOKENS, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG)
+# Every file either loading route may read (downloads fetch them, quantized copies carry them along).
+TOKENIZER_FILES = (TOKENIZER_JSON, SPM_MODEL, *SPM_COMPANIONS)
 
 # Bump when the route-2 build changes, so that tokenizers cached by an older version are not reused.
 _BUILD_VERSION = "1"

@@ -29,17 +29,14 @@ from ernie_cli.layout import Param, plan
 from ernie_cli.quant import formats
 from ernie_cli.quant.io import OutTensor, ShardWriter
 from ernie_cli.quant.spec import QuantSpec
+from ernie_cli.tokenizer import TOKENIZER_FILES
 
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 BLOCK_ELEMENTS = 1 << 23  # rows of a large matrix are quantized this many weights at a time (32 MB in float32)
 COPIED_FILES = (
     "generation_config.json",
-    "tokenizer.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
+    *TOKENIZER_FILES,
     "chat_template.jinja",
     "chat_template.json",
     "LICENSE",
