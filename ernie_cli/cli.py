@@ -13,6 +13,19 @@ import sys
 import click
 import typer
 
+# Typer >= 0.22 raises the exceptions of its own vendored copy of click; older releases use click's.
+_CLICK = [click.exceptions, typer]
+try:
+    from typer._click import exceptions as _vendored
+
+    _CLICK.append(_vendored)
+except ImportError:
+    pass
+
+
+def _errors(name: str) -> tuple[type[BaseException], ...]:
+    return tuple({getattr(module, name) for module in _CLICK if hasattr(module, name)})
+
 from ernie_cli.errors import ErnieError, PipeClosed
 
 app = typer.Typer(
@@ -51,15 +64,14 @@ def main(argv: list[str] | None = None) -> None:
         # Without standalone mode typer returns an exit code (130 after Ctrl-C) instead of exiting.
         result = app(args=argv, prog_name="ernie", standalone_mode=False)
         code = result if isinstance(result, int) else 0
-    except click.exceptions.NoArgsIsHelpError as exc:  # `ernie` alone prints help
-        click.echo(exc.ctx.get_help(), err=True)
+    except _errors("NoArgsIsHelpError"):  # `ernie` alone: typer has printed the help already
         code = 2
-    except click.exceptions.UsageError as exc:
+    except _errors("UsageError") as exc:
         exc.show()
         code = 2
-    except click.exceptions.Exit as exc:
+    except _errors("Exit") as exc:
         code = exc.exit_code
-    except click.exceptions.Abort:
+    except _errors("Abort"):
         code = 130
     except KeyboardInterrupt:
         code = 130

@@ -268,6 +268,7 @@ def test_not_enough_memory_is_refused_before_loading(model_dir, monkeypatch, cap
         (["--min-p", "1", "hi"], "--min-p"),
         (["--dtype", "int3", "hi"], "--dtype"),
         ([], "no prompt"),
+        (["--bogus", "hi"], "No such option: --bogus"),
     ],
 )
 def test_invalid_options_are_usage_errors(model_dir, args, message):
@@ -275,3 +276,9 @@ def test_invalid_options_are_usage_errors(model_dir, args, message):
     assert proc.returncode == 2, proc.stderr.decode()
     assert message in proc.stderr.decode()
     assert "Traceback" not in proc.stderr.decode()
+
+
+def test_bare_ernie_shows_help_and_is_a_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "ernie_cli"], capture_output=True, env=ENV, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    assert b"complete" in proc.stdout + proc.stderr and b"Traceback" not in proc.stderr and b"error:" not in proc.stderr
