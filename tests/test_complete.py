@@ -282,3 +282,18 @@ def test_bare_ernie_shows_help_and_is_a_usage_error():
     proc = subprocess.run([sys.executable, "-m", "ernie_cli"], capture_output=True, env=ENV, timeout=60, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2
     assert b"complete" in proc.stdout + proc.stderr and b"Traceback" not in proc.stderr and b"error:" not in proc.stderr
+
+
+def test_sampling_defaults_come_from_generation_config(model_dir, tmp_path):
+    """ERNIE Base's generation_config.json says temperature 0.8, top_p 0.8; flags override it."""
+    raw = json.loads((model_dir / "generation_config.json").read_text())
+    assert (raw["temperature"], raw["top_p"]) == (0.8, 0.8)
+    implicit = run_json(model_dir, "-n", "10", "-s", "5", "--ignore-eos", PROMPT)
+    explicit = run_json(model_dir, "-n", "10", "-s", "5", "--ignore-eos", "-t", "0.8", "--top-p", "0.8", PROMPT)
+    assert implicit["tokens"] == explicit["tokens"]
+    greedy_dir = tmp_path / "greedy"
+    shutil.copytree(model_dir, greedy_dir)
+    (greedy_dir / "generation_config.json").write_text(json.dumps(dict(raw, do_sample=False)))
+    by_config = run_json(greedy_dir, "-n", "10", "-s", "5", "--ignore-eos", PROMPT)
+    by_flag = run_json(model_dir, "-n", "10", "-t", "0", "--ignore-eos", PROMPT)
+    assert by_config["tokens"] == by_flag["tokens"]
