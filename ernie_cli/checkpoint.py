@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 from ernie_cli.errors import ErnieError
+from ernie_cli.files import INDEX_FILE, SINGLE_FILE
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 DTYPES = {
     "BF16": torch.bfloat16,

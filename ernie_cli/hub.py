@@ -30,7 +30,7 @@ from pathlib import Path
 from ernie_cli import __version__
 from ernie_cli.console import info, stderr_is_tty, warn
 from ernie_cli.errors import ErnieError, UsageError
-from ernie_cli.tokenizer import SPM_MODEL, TOKENIZER_FILES, TOKENIZER_JSON
+from ernie_cli.files import INDEX_FILE, SINGLE_FILE, SPM_MODEL, TOKENIZER_FILES, TOKENIZER_JSON
 
 DEFAULT_MODEL = "baidu/ERNIE-4.5-21B-A3B-Base-PT"
 
@@ -40,11 +40,10 @@ DEFAULT_PATTERNS = (
     "generation_config.json",
     *TOKENIZER_FILES,
     "*.safetensors",
-    "model.safetensors.index.json",
+    INDEX_FILE,
     "LICENSE*",
     "README.md",
 )
-WEIGHTS_INDEX = "model.safetensors.index.json"
 
 WORKERS = 4  # parallel files: one Hub connection rarely fills a fast link
 CHUNK = 1 << 20
@@ -200,16 +199,16 @@ def check_snapshot(path: str | Path) -> list[str]:
             load_config(path)
         except ErnieError as exc:
             problems.append(str(exc))
-    index = path / WEIGHTS_INDEX
+    index = path / INDEX_FILE
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            problems.append(f"{WEIGHTS_INDEX} is not readable ({type(exc).__name__}: {exc})")
+            problems.append(f"{INDEX_FILE} is not readable ({type(exc).__name__}: {exc})")
         else:
-            problems += [f"missing {shard} (named in {WEIGHTS_INDEX})" for shard in shards if not (path / shard).is_file()]
-    elif not (path / "model.safetensors").is_file():
-        problems.append(f"missing {WEIGHTS_INDEX} or model.safetensors")
+            problems += [f"missing {shard} (named in {INDEX_FILE})" for shard in shards if not (path / shard).is_file()]
+    elif not (path / SINGLE_FILE).is_file():
+        problems.append(f"missing {INDEX_FILE} or {SINGLE_FILE}")
     if not any((path / name).is_file() for name in (TOKENIZER_JSON, SPM_MODEL)):
         problems.append("missing tokenizer.json or tokenizer.model")
     return problems

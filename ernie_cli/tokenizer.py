@@ -25,15 +25,8 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from ernie_cli.errors import ErnieError
+from ernie_cli.files import ADDED_TOKENS, SPECIAL_TOKENS_MAP, SPM_COMPANIONS, SPM_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON
 
-TOKENIZER_JSON = "tokenizer.json"
-SPM_MODEL = "tokenizer.model"
-ADDED_TOKENS = "added_tokens.json"
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-SPM_COMPANIONS = (ADDED_TOKENS, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG)
-# Every file either loading route may read (downloads fetch them, quantized copies carry them along).
-TOKENIZER_FILES = (TOKENIZER_JSON, SPM_MODEL, *SPM_COMPANIONS)
 
 # Bump when the route-2 build changes, so that tokenizers cached by an older version are not reused.
 _BUILD_VERSION = "1"

@@ -29,7 +29,7 @@ from ernie_cli.layout import Param, plan
 from ernie_cli.quant import formats
 from ernie_cli.quant.io import OutTensor, ShardWriter
 from ernie_cli.quant.spec import QuantSpec
-from ernie_cli.tokenizer import TOKENIZER_FILES
+from ernie_cli.files import TOKENIZER_FILES
 
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_SHARD_BYTES = 2 * 1024**3

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ernie_cli.checkpoint import INDEX_FILE, byte_view, tensor_nbytes
+from ernie_cli.checkpoint import byte_view, tensor_nbytes
+from ernie_cli.files import INDEX_FILE
 
 ST_DTYPES = {
     torch.bfloat16: "BF16",

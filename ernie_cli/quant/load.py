@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ernie_cli.checkpoint import Checkpoint
+from ernie_cli.checkpoint import Checkpoint, TensorReader
 from ernie_cli.config import ErnieConfig
 from ernie_cli.errors import ErnieError
 from ernie_cli.model import ErnieForCausalLM, Experts
 from ernie_cli.quant import formats
 from ernie_cli.quant.convert import quantize_param, read_whole
-from ernie_cli.checkpoint import TensorReader
 from ernie_cli.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, QuantWeight, choose_backend
 from ernie_cli.quant.spec import QuantSpec
 
