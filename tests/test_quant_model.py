@@ -13,7 +13,7 @@ import torch
 from ernie_cli.loader import load_model
 from ernie_cli.quant import formats
 from ernie_cli.quant.convert import quantize_checkpoint
-from ernie_cli.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, quantized_nbytes
+from ernie_cli.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, QuantWeight, quantized_nbytes
 from ernie_cli.quant.spec import QuantSpec
 
 
@@ -42,7 +42,7 @@ def quantized(checkpoints, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("shape", ["moe", "dense"])
+@pytest.mark.parametrize("shape", ["moe", "dense", "moe_wide"])
 def test_quantized_logits_close_to_the_float_reference(checkpoints, quantized, shape):
     _, ref = checkpoints(shape)
     ids = _ids()
@@ -90,7 +90,7 @@ def test_checkpoint_layouts_quantize_to_the_same_tensors(checkpoints, quantized,
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("shape", ["moe", "dense", "moe_interval2"])
+@pytest.mark.parametrize("shape", ["moe", "dense", "moe_interval2", "moe_wide"])
 def test_incremental_decoding_matches_full_forward(quantized, shape, fmt):
     """Prefill, a chunk onto the cache, then one token at a time (the CPU path that touches only the
     k selected experts). The int kernels round their bf16 output per call, so the bound is on the
@@ -103,31 +103,57 @@ def test_incremental_decoding_matches_full_forward(quantized, shape, fmt):
         parts = [model(ids[:, :8], 0, all_logits=True), model(ids[:, 8:13], 8, all_logits=True)]
         parts += [model(ids[:, p : p + 1], p, all_logits=True) for p in range(13, 20)]
     step = torch.cat(parts, dim=1)
-    assert _kl(full, step).max() < 1e-4
+    kl = _kl(full, step)
+    if shape == "moe_wide":
+        # The native kernels round the activations to int8 per block: a 1e-7 difference in the
+        # float attention of the two paths can flip one rounding, a step of max|x|/127 in a block,
+        # which in these random tiny models moves a step's KL to ~1e-4-4e-3. A cache bug gives KL ~1.
+        assert kl.mean() < 1e-3 and kl.max() < 1e-2
+    else:
+        assert kl.max() < 1e-4
     assert (full.argmax(-1) == step.argmax(-1)).float().mean() >= 0.95
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_cpu_kernels_agree_with_the_dequantize_path(quantized, monkeypatch, fmt):
+@pytest.mark.parametrize("shape, backend", [("moe", "cpu"), ("moe_wide", "native")])
+def test_cpu_kernels_agree_with_the_dequantize_path(quantized, monkeypatch, fmt, shape, backend):
     """ERNIE_QUANT_BACKEND=dequant runs on the CPU the code CUDA runs (dequantize, then matmul in the
     activation dtype, experts gathered by index in decode); it must agree with the int kernels up to
-    their bf16 activations."""
-    path = quantized("moe", fmt, 32 if fmt == "int4" else None)
-    monkeypatch.delenv("ERNIE_QUANT_BACKEND", raising=False)
+    their rounded activations (bf16 for torch's, int8 per block of 64 for the native ones)."""
+    if backend == "native":
+        _need_native()
+    path = quantized(shape, fmt, 64 if fmt == "int4" else None)
+    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "cpu" if backend == "cpu" else "")
     kernels = load_model(path, "cpu", torch.float32)
     monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant")
     plain = load_model(path, "cpu", torch.float32)
     assert plain.layers[1].mlp.experts.gate_up_proj.backend == "dequant"
-    assert kernels.layers[1].mlp.experts.gate_up_proj.backend == "cpu"
+    quant = [m for m in kernels.modules() if isinstance(m, QuantWeight)]
+    if backend == "native":  # every matrix of this shape suits the native kernels
+        assert {m.backend for m in quant} == {"native"}
+    else:
+        assert kernels.layers[1].mlp.experts.gate_up_proj.backend == "cpu"
     ids = _ids(2, 32, seed=5)
     with torch.no_grad():
         a, b = kernels(ids, 0, all_logits=True), plain(ids, 0, all_logits=True)
-        # the one-token path: `selected` on the CPU kernels, `gathered` on the dequantize path
+        # the one-token path: `selected` (`selected_native`) on the kernels, `gathered` on the dequantize path
         kernels.setup_cache(1, 4), plain.setup_cache(1, 4)
         da, db = kernels(ids[:1, :1], 0), plain(ids[:1, :1], 0)
-    assert _kl(a, b).mean() < 1e-3
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9  # the bf16 model's own bound against fp32
-    assert _kl(da, db).max() < 1e-3
+    # int8 activations cost about what bf16 ones do: measured on moe_wide against transformers' fp32,
+    # int8 weights: KL 1.9e-3 (torch kernels, bf16 activations), 2.5e-3 (native), 1.8e-3 (dequant);
+    # int4 g64: 0.132 / 0.133 / 0.133. The bf16 model alone is at 6.5e-4.
+    bound = 1e-3 if backend == "cpu" else 3e-3
+    assert _kl(a, b).mean() < bound
+    # top-1: the bf16 model's own bound against fp32; int8 weights' bound against it (first test)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= (0.9 if backend == "cpu" else 0.85)
+    assert _kl(da, db).max() < 3 * bound
+
+
+def _need_native():
+    from ernie_cli.quant import native
+
+    if native.kernels() is None:
+        pytest.skip("the native int kernels need an x86 CPU with AVX-512 VNNI and a C compiler")
 
 
 def test_modules_are_replaced_and_bytes_match_the_disk(quantized):

@@ -44,6 +44,8 @@ SHAPES = {
     "moe_interval2": dict(kind="moe", moe_layer_interval=2, num_hidden_layers=5),
     "moe_sharded": dict(kind="moe", shard="60KB"),
     "moe_fused_names": dict(kind="moe", fused_names=True),
+    # every matrix's input a multiple of 64: the shape the native int kernels take everywhere
+    "moe_wide": dict(kind="moe", hidden_size=128, intermediate_size=256, head_dim=32, moe_intermediate_size=64),
 }
 
 

@@ -70,7 +70,7 @@ def install(
     group_size: int, device: torch.device, dtype: torch.dtype,
 ) -> None:
     """Put the quantized weight `name` (disk layout) into the model as its runtime module."""
-    backend = choose_backend(fmt, group_size, device)
+    backend = choose_backend(fmt, group_size, device, shape[-1])
     if name == "embed_tokens.weight":
         if fmt != "int8":
             raise ErnieError("the embedding can only be stored as int8; re-create the checkpoint with `ernie quantize`.")
@@ -242,7 +242,7 @@ def quantize_model(model: ErnieForCausalLM, spec: QuantSpec) -> ErnieForCausalLM
             for name in names:
                 w = model.get_parameter(name)
                 tensors = _quantize_tensor(fmt, w, spec.group_size, spec.refine_steps)
-                setattr(quant, name.rpartition(".")[2], QuantWeight(fmt, tuple(w.shape), spec.group_size, choose_backend(fmt, spec.group_size, device)).load(tensors, device))
+                setattr(quant, name.rpartition(".")[2], QuantWeight(fmt, tuple(w.shape), spec.group_size, choose_backend(fmt, spec.group_size, device, w.shape[-1])).load(tensors, device))
                 del w, tensors
             _replace(model, path, quant)
         elif isinstance(module, (nn.Linear, nn.Embedding)):

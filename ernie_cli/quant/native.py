@@ -1,0 +1,126 @@
+"""The AVX-512 VNNI int4/int8 matrix-vector kernels of cpu_kernels.c, compiled on first use.
+
+The C file is built with the system's C compiler for this very CPU (-march=native) into
+~/.cache/ernie/kernels, under a name that hashes the source, the flags and the CPU model, written
+under a temporary name and renamed. Python reaches it through ctypes: the kernels take raw
+pointers, so no torch headers are needed and the build takes about a second.
+
+Where the CPU lacks AVX-512 VNNI, no compiler is found, or the build fails, `kernels()` returns
+None and the quantized modules keep torch's own int kernels. ERNIE_NATIVE=0 turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"] + os.environ.get("ERNIE_KFLAGS", "").split()
+NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+BLOCK = 64  # activation block of the kernels: K must be a multiple of it
+MAX_IN_FEATURES = 65536  # MAX_BLOCKS * BLOCK in the C file
+
+
+def _cpu_flags() -> tuple[set[str], str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set(), ""
+    flags, model = set(), ""
+    for line in text.splitlines():
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+        elif line.startswith("model name") and not model:
+            model = line.split(":", 1)[1].strip()
+    return flags, model
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("ERNIE_KERNEL_CACHE", Path.home() / ".cache" / "ernie" / "kernels"))
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class Kernels:
+    """ctypes entry points of the compiled library."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        self.q4 = lib.ernie_q4_matmul
+        self.q4.argtypes = [p, p, p, p, i64, p, i64, p, i64, i64, i64, i64]
+        self.q4.restype = ctypes.c_int
+        self.q8 = lib.ernie_q8_matmul
+        self.q8.argtypes = [p, p, p, i64, p, i64, p, i64, i64, i64]
+        self.q8.restype = ctypes.c_int
+
+    def int4(self, qweight, scales, zeros, x, group_size, experts=None, per_expert_x=False):
+        """x float32 [M, K] (or [P, M, K] with per_expert_x) -> float32 [P, M, N] (P = 1 without experts).
+
+        qweight uint8 [(E,) N, K/2], scales/zeros bf16 [(E,) N, K/group]: the disk layout."""
+        n, k = qweight.shape[-2], qweight.shape[-1] * 2
+        out, ex, p_count, m, stride = self._prepare(x, n, k, experts, per_expert_x)
+        rc = self.q4(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), ex, p_count, x.data_ptr(), stride,
+                     out.data_ptr(), m, n, k, group_size)
+        return self._check(rc, out)
+
+    def int8(self, qweight, scales, x, experts=None, per_expert_x=False):
+        """Like int4, for int8 [(E,) N, K] weights with bf16 scales [(E,) N]."""
+        n, k = qweight.shape[-2], qweight.shape[-1]
+        out, ex, p_count, m, stride = self._prepare(x, n, k, experts, per_expert_x)
+        rc = self.q8(qweight.data_ptr(), scales.data_ptr(), ex, p_count, x.data_ptr(), stride, out.data_ptr(), m, n, k)
+        return self._check(rc, out)
+
+    @staticmethod
+    def _prepare(x, n, k, experts, per_expert_x):
+        assert x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == k
+        p_count = 1 if experts is None else experts.numel()
+        m = x.shape[-2]
+        stride = m * k if per_expert_x else 0
+        ex = None if experts is None else experts.data_ptr()
+        return torch.empty((p_count, m, n), dtype=torch.float32), ex, p_count, m, stride
+
+    @staticmethod
+    def _check(rc: int, out: torch.Tensor) -> torch.Tensor:
+        if rc != 0:
+            raise MemoryError("the native int kernel could not allocate its activation buffers")
+        return out
+
+
+@lru_cache(maxsize=1)
+def kernels() -> Kernels | None:
+    """The compiled kernels, or None where they cannot run here (see the module docstring)."""
+    if os.environ.get("ERNIE_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    flags, model = _cpu_flags()
+    if not all(f in flags for f in NEEDED_CPU_FLAGS):
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [compiler, model]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"ernie_cpu_kernels_{key}.so"
+    try:
+        if not target.exists():
+            _build(compiler, target)
+        return Kernels(ctypes.CDLL(str(target)))
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,127 @@
+"""The native AVX-512 VNNI int kernels (ernie_cli/quant/cpu_kernels.c) against float64 arithmetic.
+
+They quantize the activations to int8 per block of 64 (scale d = max|x| / 127), so each product
+differs from the exact one by at most sum over blocks of d/2 * sum |w - offset| (the rounding of
+each activation is at most d/2; for int4 the zero offset multiplies the exact float sum of x, so
+only (q - 8) * scale counts), plus float32 summation error. The tests assert that bound, element
+by element, with 1e-5 of sum |x||w| for the float32 part.
+"""
+
+import pytest
+import torch
+
+from ernie_cli.quant import formats, native
+from ernie_cli.quant.modules import QuantWeight, choose_backend
+
+pytestmark = pytest.mark.skipif(native.kernels() is None, reason="the native int kernels need an x86 CPU with AVX-512 VNNI and a C compiler")
+
+
+def _disk(fmt, shape, group, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w = (0.02 * torch.randn(shape, generator=gen)).to(torch.bfloat16)
+    return formats.quantize(fmt, w, group)
+
+
+def _bound_terms(fmt, disk, group):
+    """(the float64 weight, the part of it the activations' rounding multiplies)."""
+    w = formats.dequantize(fmt, disk, group, torch.float64)
+    if fmt == "int8":
+        return w, w.abs()
+    k = w.shape[-1]
+    zeros = formats.expand_groups(disk["zeros"].double(), group, k)
+    return w, (w - zeros).abs()
+
+
+def _check(y, x, w, moving, out_rounding=0.0):
+    """y [M, N] from the kernel; x [M, K]; w, moving [N, K] float64; out_rounding: relative rounding
+    of the output dtype."""
+    x = x.double()
+    ref = x @ w.T
+    blocks = x.view(x.shape[0], -1, 64)
+    half_step = (blocks.abs().amax(-1) / 127 / 2)  # [M, B]
+    moving_b = moving.view(moving.shape[0], -1, 64).sum(-1)  # [N, B]
+    bound = (half_step @ moving_b.T + 1e-5 * (x.abs() @ w.abs().T)) * (1 + out_rounding) + out_rounding * ref.abs() + 1e-7
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item():.3g}"
+    # and the bound is not vacuous: it is a small fraction of the products' size
+    assert bound.mean() < 0.05 * (x.abs() @ w.abs().T).mean()
+
+
+@pytest.mark.parametrize("fmt, group", [("int8", 64), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("n, k", [(48, 128), (131, 256), (64, 1536)])
+@pytest.mark.parametrize("m", [1, 4, 7])  # tokens are computed four at a time: 7 is a full and a partial chunk
+def test_matmul_within_the_activation_rounding_bound(fmt, group, n, k, m):
+    disk = _disk(fmt, (n, k), group, seed=n + k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[0, :64] *= 50  # an outlier block: its own scale, the others unaffected
+    kern = native.kernels()
+    y = kern.int4(disk["qweight"], disk["scales"], disk["zeros"], x, group) if fmt == "int4" else kern.int8(disk["qweight"], disk["scales"], x)
+    assert y.shape == (1, m, n)
+    w, moving = _bound_terms(fmt, disk, group)
+    _check(y[0], x, w, moving)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_selected_experts_and_per_expert_inputs(fmt):
+    e_count, n, k, group = 6, 40, 192, 64
+    disk = _disk(fmt, (e_count, n, k), group, seed=3)
+    w, moving = _bound_terms(fmt, disk, group)
+    experts = torch.tensor([4, 0, 5, 4])  # repeats allowed
+    gen = torch.Generator().manual_seed(1)
+    shared_x, own_x = torch.randn(2, k, generator=gen), torch.randn(len(experts), 2, k, generator=gen)
+    kern = native.kernels()
+    for x, per_expert in ((shared_x, False), (own_x, True)):
+        if fmt == "int4":
+            y = kern.int4(disk["qweight"], disk["scales"], disk["zeros"], x, group, experts, per_expert)
+        else:
+            y = kern.int8(disk["qweight"], disk["scales"], x, experts, per_expert)
+        assert y.shape == (len(experts), 2, n)
+        for p, e in enumerate(experts.tolist()):
+            _check(y[p], x[p] if per_expert else x, w[e], moving[e])
+
+
+def test_quant_weight_uses_the_native_backend_where_the_shape_suits():
+    cpu = torch.device("cpu")
+    assert choose_backend("int4", 64, cpu, 2560) == "native"
+    assert choose_backend("int8", 0, cpu, 1536) == "native"
+    assert choose_backend("int4", 32, cpu, 2560) == "cpu"  # a group smaller than the activation block
+    assert choose_backend("int8", 0, cpu, 24) == "cpu"  # K not a multiple of 64
+    disk = _disk("int4", (3, 96, 128), 64, seed=5)
+    weight = QuantWeight("int4", (3, 96, 128), 64, "native").load(disk, cpu)
+    assert torch.equal(weight.qweight, disk["qweight"])  # the disk layout, no repacking
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+    w, moving = _bound_terms("int4", disk, 64)
+    y = weight.mm(x, 1)
+    assert y.dtype == torch.bfloat16
+    _check(y, x, w[1], moving[1], out_rounding=2.0**-8)  # the bf16 output adds one rounding
+
+
+def test_turned_off_or_unbuildable_falls_back_to_torch_kernels(monkeypatch, tmp_path):
+    monkeypatch.setenv("ERNIE_NATIVE", "0")
+    native.kernels.cache_clear()
+    try:
+        assert native.kernels() is None
+        assert choose_backend("int4", 64, torch.device("cpu"), 2560) == "cpu"
+        monkeypatch.setenv("ERNIE_NATIVE", "1")
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        monkeypatch.setenv("ERNIE_KERNEL_CACHE", str(tmp_path / "cache"))
+        native.kernels.cache_clear()
+        assert native.kernels() is None
+        assert list((tmp_path / "cache").glob("*")) == []  # no half-written library left behind
+    finally:
+        native.kernels.cache_clear()
+
+
+def test_build_is_cached_under_a_content_hash(monkeypatch, tmp_path):
+    monkeypatch.setenv("ERNIE_KERNEL_CACHE", str(tmp_path))
+    native.kernels.cache_clear()
+    try:
+        assert native.kernels() is not None
+        built = list(tmp_path.iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so"
+        stamp = built[0].stat().st_mtime_ns
+        native.kernels.cache_clear()
+        assert native.kernels() is not None
+        assert [p.stat().st_mtime_ns for p in tmp_path.iterdir()] == [stamp]  # loaded, not rebuilt
+    finally:
+        native.kernels.cache_clear()
