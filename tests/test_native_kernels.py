@@ -62,6 +62,22 @@ def test_matmul_within_the_activation_rounding_bound(fmt, group, n, k, m):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_bfloat16_inputs_and_outputs(fmt):
+    """The model's own dtype on the CPU goes in and out without conversions; the output is rounded once."""
+    disk = _disk(fmt, (72, 320), 64, seed=11)
+    x = torch.randn(5, 320, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    kern = native.kernels()
+    for out_dtype, rounding in ((torch.bfloat16, 2.0**-8), (torch.float32, 0.0)):
+        if fmt == "int4":
+            y = kern.int4(disk["qweight"], disk["scales"], disk["zeros"], x, 64, out_dtype=out_dtype)
+        else:
+            y = kern.int8(disk["qweight"], disk["scales"], x, out_dtype=out_dtype)
+        assert y.dtype == out_dtype
+        w, moving = _bound_terms(fmt, disk, 64)
+        _check(y[0], x, w, moving, out_rounding=rounding)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_selected_experts_and_per_expert_inputs(fmt):
     e_count, n, k, group = 6, 40, 192, 64
     disk = _disk(fmt, (e_count, n, k), group, seed=3)

@@ -43,18 +43,24 @@ typedef struct {
     float *corr;   /* [M] 128 * sum_b d_b * sum(xq_b) (int8) */
 } Acts;
 
-/* x [M, K] float -> int8 codes per 64-block with one scale each (amax / 127), plus the block's float
+/* x [M, K] float or bfloat16 -> int8 codes per 64-block with one scale each (amax / 127), plus the block's float
  * sum and code sum. For int4 the codes of a block are stored [even columns | odd columns]. */
-static void quantize_acts(const float *x, int64_t m_count, int64_t k, int permute, Acts *a) {
+static inline __m512 load16(const void *x, int bf16, int64_t at) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + at))), 16));
+    return _mm512_loadu_ps((const float *)x + at);
+}
+
+static void quantize_acts(const void *x, int bf16, int64_t m_count, int64_t k, int permute, Acts *a) {
     const int64_t blocks = k / BLOCK;
     const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
 #pragma omp parallel for schedule(static) if (m_count * k >= (1 << 16))
     for (int64_t mb = 0; mb < m_count * blocks; mb++) {
         const int64_t m = mb / blocks, b = mb % blocks;
-        const float *xb = x + m * k + b * BLOCK;
         __m512 v[4];
-        for (int i = 0; i < 4; i++) v[i] = _mm512_loadu_ps(xb + 16 * i);
+        for (int i = 0; i < 4; i++) v[i] = load16(x, bf16, m * k + b * BLOCK + 16 * i);
         if (permute) {
             __m512 e0 = _mm512_permutex2var_ps(v[0], evens, v[1]), e1 = _mm512_permutex2var_ps(v[2], evens, v[3]);
             __m512 o0 = _mm512_permutex2var_ps(v[0], odds, v[1]), o1 = _mm512_permutex2var_ps(v[2], odds, v[3]);
@@ -115,6 +121,17 @@ static inline float bf16_to_float(uint16_t v) {
     return f;
 }
 
+/* One output element, as float or as bfloat16 (rounded to nearest even). */
+static inline void store_out(void *out, int bf16, int64_t at, float v) {
+    if (!bf16) {
+        ((float *)out)[at] = v;
+        return;
+    }
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    ((uint16_t *)out)[at] = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
 /* bf16 [count] -> float, 16 at a time (masked at the end). */
 static inline __m512 load_bf16(const uint16_t *p, int64_t count) {
     __mmask16 mask = count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
@@ -129,7 +146,8 @@ static inline __m512 load_bf16(const uint16_t *p, int64_t count) {
  * <q, xq>_b is computed for the whole row first, 16 blocks at a time. */
 static inline __attribute__((always_inline)) void q4_row(const uint8_t *w, const uint16_t *s, const uint16_t *z,
                                                          int64_t k, int64_t group, const Acts *a, int64_t m0,
-                                                         const int mt, float *out, int64_t n, int64_t row) {
+                                                         const int mt, void *out, int out_bf16, int64_t n,
+                                                         int64_t row) {
     const int64_t blocks = k / BLOCK, per_group = group / BLOCK;
     float sd[MAX_TOKENS][MAX_BLOCKS] __attribute__((aligned(64)));
     __m512 tail[MAX_TOKENS], acc[MAX_TOKENS];
@@ -175,13 +193,13 @@ static inline __attribute__((always_inline)) void q4_row(const uint8_t *w, const
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sd[t][b]), acc[t]);
         }
     }
-    for (int t = 0; t < mt; t++) out[(m0 + t) * n + row] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t], tail[t]));
+    for (int t = 0; t < mt; t++) store_out(out, out_bf16, (m0 + t) * n + row, _mm512_reduce_add_ps(_mm512_add_ps(acc[t], tail[t])));
 }
 
 /* One row of int8 weights (scale s) against mt token vectors; inlined like q4_row. */
 static inline __attribute__((always_inline)) void q8_row(const int8_t *w, float s, int64_t k, const Acts *a,
-                                                         int64_t m0, const int mt, float *out, int64_t n,
-                                                         int64_t row) {
+                                                         int64_t m0, const int mt, void *out, int out_bf16,
+                                                         int64_t n, int64_t row) {
     const int64_t blocks = k / BLOCK;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     const __m512i zero = _mm512_setzero_si512();
@@ -196,7 +214,7 @@ static inline __attribute__((always_inline)) void q8_row(const int8_t *w, float 
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(a->d[(m0 + t) * blocks + b]), acc[t]);
         }
     }
-    for (int t = 0; t < mt; t++) out[(m0 + t) * n + row] = s * (_mm512_reduce_add_ps(acc[t]) - a->corr[m0 + t]);
+    for (int t = 0; t < mt; t++) store_out(out, out_bf16, (m0 + t) * n + row, s * (_mm512_reduce_add_ps(acc[t]) - a->corr[m0 + t]));
 }
 
 #define DISPATCH(call)       \
@@ -207,7 +225,7 @@ static inline __attribute__((always_inline)) void q8_row(const int8_t *w, float 
     default: call(4); break; \
     }
 
-/* out[p] [M, N] = x[p] [M, K] @ W[e_p].T for p < P, float32 in and out.
+/* out[p] [M, N] = x[p] [M, K] @ W[e_p].T for p < P; x and out float32 or bfloat16 (the flags).
  *
  * w: uint8 codes [E, N, K/2] (int4) or int8 [E, N, K]; scales bf16 [E, N, K/group] (int4) or [E, N]
  * (int8); zeros bf16 like the int4 scales. experts: P indices into the stack (NULL: P = 1, E = 1).
@@ -215,15 +233,16 @@ static inline __attribute__((always_inline)) void q8_row(const int8_t *w, float 
  * when out of memory. K must be a multiple of 64 and, for int4, of the group size.
  */
 static int matmul(int bits, const void *w, const uint16_t *scales, const uint16_t *zeros, const int64_t *experts,
-                  int64_t p_count, const float *x, int64_t x_stride, float *out, int64_t m_count, int64_t n, int64_t k,
-                  int64_t group) {
+                  int64_t p_count, const void *x, int x_bf16, int64_t x_stride, void *out, int out_bf16,
+                  int64_t m_count, int64_t n, int64_t k, int64_t group) {
     int64_t distinct = x_stride ? p_count : 1;
     Acts *acts = calloc((size_t)distinct, sizeof(Acts));
     if (!acts) return -1;
     int ok = 1;
     for (int64_t i = 0; i < distinct && ok; i++) {
         ok = alloc_acts(&acts[i], m_count, k);
-        if (ok) quantize_acts(x + i * x_stride, m_count, k, bits == 4, &acts[i]);
+        const void *xi = (const char *)x + i * x_stride * (x_bf16 ? 2 : 4);
+        if (ok) quantize_acts(xi, x_bf16, m_count, k, bits == 4, &acts[i]);
     }
     if (ok) {
         int64_t row_bytes = bits == 4 ? k / 2 : k;
@@ -234,16 +253,16 @@ static int matmul(int bits, const void *w, const uint16_t *scales, const uint16_
             int64_t p = i / n, row = i % n;
             int64_t e = experts ? experts[p] : 0;
             const Acts *a = &acts[x_stride ? p : 0];
-            float *o = out + p * m_count * n;
+            void *o = (char *)out + p * m_count * n * (out_bf16 ? 2 : 4);
             int64_t at = e * n + row;
             for (int64_t m0 = 0; m0 < m_count; m0 += MAX_TOKENS) {
                 int mt = (int)(m_count - m0 < MAX_TOKENS ? m_count - m0 : MAX_TOKENS);
                 if (bits == 4) {
-#define Q4(MT) q4_row(wb, scales + at * groups, zeros + at * groups, k, group, a, m0, MT, o, n, row)
+#define Q4(MT) q4_row(wb, scales + at * groups, zeros + at * groups, k, group, a, m0, MT, o, out_bf16, n, row)
                     const uint8_t *wb = (const uint8_t *)w + at * row_bytes;
                     DISPATCH(Q4)
                 } else {
-#define Q8(MT) q8_row(wb, sc, k, a, m0, MT, o, n, row)
+#define Q8(MT) q8_row(wb, sc, k, a, m0, MT, o, out_bf16, n, row)
                     const int8_t *wb = (const int8_t *)w + at * row_bytes;
                     const float sc = bf16_to_float(scales[at]);
                     DISPATCH(Q8)
@@ -257,12 +276,12 @@ static int matmul(int bits, const void *w, const uint16_t *scales, const uint16_
 }
 
 int ernie_q4_matmul(const uint8_t *w, const uint16_t *scales, const uint16_t *zeros, const int64_t *experts,
-                    int64_t p_count, const float *x, int64_t x_stride, float *out, int64_t m_count, int64_t n,
-                    int64_t k, int64_t group) {
-    return matmul(4, w, scales, zeros, experts, p_count, x, x_stride, out, m_count, n, k, group);
+                    int64_t p_count, const void *x, int x_bf16, int64_t x_stride, void *out, int out_bf16,
+                    int64_t m_count, int64_t n, int64_t k, int64_t group) {
+    return matmul(4, w, scales, zeros, experts, p_count, x, x_bf16, x_stride, out, out_bf16, m_count, n, k, group);
 }
 
-int ernie_q8_matmul(const int8_t *w, const uint16_t *scales, const int64_t *experts, int64_t p_count, const float *x,
-                    int64_t x_stride, float *out, int64_t m_count, int64_t n, int64_t k) {
-    return matmul(8, w, scales, NULL, experts, p_count, x, x_stride, out, m_count, n, k, BLOCK);
+int ernie_q8_matmul(const int8_t *w, const uint16_t *scales, const int64_t *experts, int64_t p_count, const void *x,
+                    int x_bf16, int64_t x_stride, void *out, int out_bf16, int64_t m_count, int64_t n, int64_t k) {
+    return matmul(8, w, scales, NULL, experts, p_count, x, x_bf16, x_stride, out, out_bf16, m_count, n, k, BLOCK);
 }

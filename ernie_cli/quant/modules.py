@@ -114,6 +114,11 @@ def cpu_int4_pack(codes: torch.Tensor) -> torch.Tensor:
     return torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 8).view(codes.shape[0], codes.shape[1] // 2)
 
 
+def _native_input(x: torch.Tensor) -> torch.Tensor:
+    """The kernels read float32 or bf16 directly; anything else goes in as float32."""
+    return (x if x.dtype in (torch.float32, BF16) else x.float()).contiguous()
+
+
 class QuantWeight(nn.Module):
     """A quantized weight [out, in] or stack [E, out, in] in its kernel's layout."""
 
@@ -180,7 +185,7 @@ class QuantWeight(nn.Module):
     def mm(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """x [M, in] -> x @ W.T [M, out] (W = expert `expert` of a stack), in x's dtype."""
         if self.backend == "native" and not torch.compiler.is_compiling():  # compiled: the dequant form
-            return self.native_mm(x.float().contiguous(), expert)[0].to(x.dtype)
+            return self.native_mm(_native_input(x), expert, out_dtype=x.dtype)[0].to(x.dtype)
         if self.disk_layout:
             if x.shape[0] == 1 and torch.compiler.is_compiling():
                 # Decode: a multiply-and-sum lets Inductor fuse the dequantization into the reduction,
@@ -207,9 +212,11 @@ class QuantWeight(nn.Module):
                 y = y[:, : self.out_features]
         return y.to(x.dtype)
 
-    def native_mm(self, x: torch.Tensor, experts=None, per_expert_x: bool = False) -> torch.Tensor:
-        """The native kernel: x float32 [M, in] -> [P, M, out] for the P experts named by `experts`
-        (an int, an index tensor, or None for an unstacked weight); per_expert_x: x is [P, M, in]."""
+    def native_mm(self, x: torch.Tensor, experts=None, per_expert_x: bool = False, out_dtype=None) -> torch.Tensor:
+        """The native kernel: x float32/bf16 [M, in] -> [P, M, out] for the P experts named by `experts`
+        (an int, an index tensor, or None for an unstacked weight); per_expert_x: x is [P, M, in].
+        Output in out_dtype where it is float32 or bf16, else float32."""
+        out_dtype = out_dtype if out_dtype in (torch.float32, BF16) else torch.float32
         k = native.kernels()
         q, s = self.qweight, self.scales
         z = self.zeros if self.fmt == "int4" else None
@@ -217,8 +224,8 @@ class QuantWeight(nn.Module):
             q, s, z = q[experts], s[experts], (None if z is None else z[experts])
             experts = None
         if self.fmt == "int4":
-            return k.int4(q, s, z, x, self.group_size, experts, per_expert_x)
-        return k.int8(q, s, x, experts, per_expert_x)
+            return k.int4(q, s, z, x, self.group_size, experts, per_expert_x, out_dtype)
+        return k.int8(q, s, x, experts, per_expert_x, out_dtype)
 
     def dequantize(self, expert=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (of one expert, or of the experts an index tensor names, stacked in its shape)."""
@@ -310,9 +317,9 @@ class QuantExperts(nn.Module):
     def selected_native(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """One token, native kernels: the k selected experts in one call per projection."""
         experts = idx[0].contiguous()
-        gate, up = self.gate_up_proj.native_mm(x.float().contiguous(), experts).chunk(2, dim=-1)  # [k, 1, 2I]
-        h = self.down_proj.native_mm((F.silu(gate) * up).contiguous(), experts, per_expert_x=True)  # [k, 1, H]
-        return (h[:, 0] * weights[0, :, None].float()).sum(0, keepdim=True).to(x.dtype)
+        gate, up = self.gate_up_proj.native_mm(_native_input(x), experts).chunk(2, dim=-1)  # [k, 1, 2I]
+        h = self.down_proj.native_mm((F.silu(gate) * up).contiguous(), experts, per_expert_x=True, out_dtype=torch.float32)
+        return (weights[0].float() @ h[:, 0]).unsqueeze(0).to(x.dtype)  # [1, H]
 
     def selected_traced(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The same under torch.compile: experts picked by 0-d tensor indices, no Python list."""

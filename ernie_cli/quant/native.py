@@ -26,6 +26,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"] + os.environ.get("ERNIE_KFLAGS", "").split()
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+BF16 = torch.bfloat16
 BLOCK = 64  # activation block of the kernels: K must be a multiple of it
 MAX_IN_FEATURES = 65536  # MAX_BLOCKS * BLOCK in the C file
 
@@ -64,39 +65,44 @@ class Kernels:
     """ctypes entry points of the compiled library."""
 
     def __init__(self, lib: ctypes.CDLL):
-        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self.q4 = lib.ernie_q4_matmul
-        self.q4.argtypes = [p, p, p, p, i64, p, i64, p, i64, i64, i64, i64]
+        self.q4.argtypes = [p, p, p, p, i64, p, i32, i64, p, i32, i64, i64, i64, i64]
         self.q4.restype = ctypes.c_int
         self.q8 = lib.ernie_q8_matmul
-        self.q8.argtypes = [p, p, p, i64, p, i64, p, i64, i64, i64]
+        self.q8.argtypes = [p, p, p, i64, p, i32, i64, p, i32, i64, i64, i64]
         self.q8.restype = ctypes.c_int
 
-    def int4(self, qweight, scales, zeros, x, group_size, experts=None, per_expert_x=False):
-        """x float32 [M, K] (or [P, M, K] with per_expert_x) -> float32 [P, M, N] (P = 1 without experts).
+    def int4(self, qweight, scales, zeros, x, group_size, experts=None, per_expert_x=False, out_dtype=None):
+        """x [M, K] (or [P, M, K] with per_expert_x), float32 or bfloat16 -> [P, M, N] (P = 1 without
+        experts) in out_dtype (default: x's).
 
         qweight uint8 [(E,) N, K/2], scales/zeros bf16 [(E,) N, K/group]: the disk layout."""
         n, k = qweight.shape[-2], qweight.shape[-1] * 2
-        out, ex, p_count, m, stride = self._prepare(x, n, k, experts, per_expert_x)
-        rc = self.q4(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), ex, p_count, x.data_ptr(), stride,
-                     out.data_ptr(), m, n, k, group_size)
+        out, ex, p_count, m, stride = self._prepare(x, n, k, experts, per_expert_x, out_dtype)
+        rc = self.q4(qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), ex, p_count, x.data_ptr(), x.dtype == BF16,
+                     stride, out.data_ptr(), out.dtype == BF16, m, n, k, group_size)
         return self._check(rc, out)
 
-    def int8(self, qweight, scales, x, experts=None, per_expert_x=False):
+    def int8(self, qweight, scales, x, experts=None, per_expert_x=False, out_dtype=None):
         """Like int4, for int8 [(E,) N, K] weights with bf16 scales [(E,) N]."""
         n, k = qweight.shape[-2], qweight.shape[-1]
-        out, ex, p_count, m, stride = self._prepare(x, n, k, experts, per_expert_x)
-        rc = self.q8(qweight.data_ptr(), scales.data_ptr(), ex, p_count, x.data_ptr(), stride, out.data_ptr(), m, n, k)
+        out, ex, p_count, m, stride = self._prepare(x, n, k, experts, per_expert_x, out_dtype)
+        rc = self.q8(qweight.data_ptr(), scales.data_ptr(), ex, p_count, x.data_ptr(), x.dtype == BF16, stride,
+                     out.data_ptr(), out.dtype == BF16, m, n, k)
         return self._check(rc, out)
 
     @staticmethod
-    def _prepare(x, n, k, experts, per_expert_x):
-        assert x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == k
+    def _prepare(x, n, k, experts, per_expert_x, out_dtype):
+        assert x.dtype in (torch.float32, BF16) and x.is_contiguous() and x.shape[-1] == k
+        assert experts is None or (experts.dtype == torch.int64 and experts.is_contiguous())
         p_count = 1 if experts is None else experts.numel()
         m = x.shape[-2]
         stride = m * k if per_expert_x else 0
         ex = None if experts is None else experts.data_ptr()
-        return torch.empty((p_count, m, n), dtype=torch.float32), ex, p_count, m, stride
+        out_dtype = out_dtype or x.dtype
+        assert out_dtype in (torch.float32, BF16)
+        return torch.empty((p_count, m, n), dtype=out_dtype), ex, p_count, m, stride
 
     @staticmethod
     def _check(rc: int, out: torch.Tensor) -> torch.Tensor:
