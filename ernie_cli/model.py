@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie_cli import gpu_gemv
 from ernie_cli.config import ErnieConfig
 
 
@@ -193,9 +194,15 @@ class Experts(nn.Module):
     def gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Graph-safe: gather the k selected experts of each token and run them as batched GEMVs.
 
-        Written as multiply-and-sum so that, compiled, Inductor fuses the gather into the reduction
-        and reads each selected expert once; eagerly, einsum avoids the big product intermediate.
+        One token on CUDA: the Triton GEMVs of gpu_gemv, each reading only the selected experts' rows.
+        Otherwise written as multiply-and-sum so that, compiled, Inductor fuses the gather into the
+        reduction and reads each selected expert once; eagerly, einsum avoids the big product intermediate.
         """
+        if gpu_gemv.usable(x):
+            experts = idx[0]
+            gate, up = gpu_gemv.gemv("float", x[0], self.gate_up_proj, experts=experts).chunk(2, dim=-1)
+            y = gpu_gemv.gemv("float", F.silu(gate) * up, self.down_proj, experts=experts, per_expert_x=True)
+            return (y * weights[0, :, None]).sum(0, keepdim=True)
         if torch.compiler.is_compiling():
             gu = (self.gate_up_proj[idx] * x[:, None, None, :]).sum(-1)
             gate, up = gu.chunk(2, dim=-1)

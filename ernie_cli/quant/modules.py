@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie_cli import gpu_gemv
 from ernie_cli.model import run_grouped
 from ernie_cli.quant import formats, native
 
@@ -187,6 +188,8 @@ class QuantWeight(nn.Module):
         if self.backend == "native" and not torch.compiler.is_compiling():  # compiled: the dequant form
             return self.native_mm(_native_input(x), expert, out_dtype=x.dtype)[0].to(x.dtype)
         if self.disk_layout:
+            if gpu_gemv.usable(x, self.fmt, self.group_size):
+                return self._gpu_gemv(x[0], expert)
             if x.shape[0] == 1 and torch.compiler.is_compiling():
                 # Decode: a multiply-and-sum lets Inductor fuse the dequantization into the reduction,
                 # so only the int8/int4 bytes are read; F.linear would first write a bf16 copy.
@@ -211,6 +214,15 @@ class QuantWeight(nn.Module):
             if self.n_pad != self.out_features:
                 y = y[:, : self.out_features]
         return y.to(x.dtype)
+
+    def _gpu_gemv(self, x: torch.Tensor, experts=None, per_expert_x: bool = False) -> torch.Tensor:
+        """One token on CUDA through gpu_gemv (Triton): [P, out] for the experts tensor, [1, out] else."""
+        q, s = self.qweight, self.scales
+        z = getattr(self, "zeros", None)
+        if experts is not None and not isinstance(experts, torch.Tensor):
+            q, s, z = q[experts], s[experts], (None if z is None else z[experts])
+            experts = None
+        return gpu_gemv.gemv(self.fmt, x, q, s, z, self.group_size, experts, per_expert_x)
 
     def native_mm(self, x: torch.Tensor, experts=None, per_expert_x: bool = False, out_dtype=None) -> torch.Tensor:
         """The native kernel: x float32/bf16 [M, in] -> [P, M, out] for the P experts named by `experts`
@@ -334,6 +346,12 @@ class QuantExperts(nn.Module):
         Compiled, the multiply-and-sum form lets Inductor fuse the gather and the dequantization into
         the reduction (each selected expert's bytes read once); eagerly, einsum avoids the product temporary.
         """
+        gu, down = self.gate_up_proj, self.down_proj
+        if gpu_gemv.usable(x, gu.fmt, gu.group_size) and gpu_gemv.usable(x, down.fmt, down.group_size):
+            experts = idx[0]
+            gate, up = gu._gpu_gemv(x[0], experts).chunk(2, dim=-1)
+            y = down._gpu_gemv(F.silu(gate) * up, experts, per_expert_x=True)
+            return (y * weights[0, :, None]).sum(0, keepdim=True)
         w1 = self.gate_up_proj.dequantize(idx, x.dtype)
         w2 = self.down_proj.dequantize(idx, x.dtype)
         if torch.compiler.is_compiling():

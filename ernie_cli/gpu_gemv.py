@@ -1,0 +1,135 @@
+"""One-token matrix-vector products on CUDA as Triton kernels: float, int8 and int4 weights, one
+matrix or the k experts a token selected, in one launch.
+
+Why not Inductor's fused dequantize-multiply-sum: on the H100 it read int8 experts at 726 GB/s, a
+quarter of the card's bandwidth, and int4 at 190 GB/s. A GEMV is nothing but a stream of weight
+rows against one vector, so the kernel is short: each program takes BLOCK_N rows of one expert,
+walks K in BLOCK_K steps, turns the bytes into float32 in registers, and reduces.
+
+Weights are the disk layouts of ernie_cli.quant.formats (int8 [.., N, K] with one scale per row;
+int4 [.., N, K/2] with column 2j in the low nibble and a scale and zero per group: W = (q-8)s + z),
+so nothing is repacked. int4 uses sum_k W_k x_k = sum_g s_g <q - 8, x>_g + z_g sum_g(x).
+
+Callable from code that torch.compile captures (user-defined Triton kernels are traced), and the
+launch has static shapes, so the decode step stays one CUDA graph.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton comes with CUDA builds of torch; CPU-only installs never call this module
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+
+FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (bf16, fp16, fp32)
+ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant
+
+
+def usable(x: torch.Tensor, fmt: str = "bf16", group_size: int = 64) -> bool:
+    """For this one-token input: on CUDA, with Triton, not turned off (ERNIE_TRITON=0 keeps the
+    compiled multiply-and-sum form, for comparison), and an int4 group the kernel's blocks hold."""
+    return (
+        triton is not None
+        and x.is_cuda
+        and x.shape[0] == 1
+        and ENABLED
+        and (fmt != "int4" or group_size in (32, 64, 128))
+    )
+
+
+if triton is not None:
+
+    def _configs():
+        return [
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+            for bn, bk, w in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (16, 512, 8), (32, 128, 4), (64, 128, 8))
+        ]
+
+    @triton.autotune(configs=_configs(), key=["N", "K", "P", "FMT"])
+    @triton.jit
+    def _gemv(
+        x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+        N, K, P, w_expert_stride, s_expert_stride,
+        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        slot = tl.program_id(1)
+        if HAS_IDX:
+            e = tl.load(idx_ptr + slot).to(tl.int64)
+        else:
+            e = 0
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        x_base = x_ptr + slot * x_slot_stride
+        if FMT == 2:
+            HALF: tl.constexpr = BLOCK_K // 2
+            NG: tl.constexpr = BLOCK_K // GROUP
+            groups = (K + GROUP - 1) // GROUP
+            w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * (K // 2)
+            s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * groups
+            z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * groups
+            acc = tl.zeros((BLOCK_N,), tl.float32)
+            j = tl.arange(0, HALF)
+            for k0 in range(0, K, BLOCK_K):
+                ok = row_ok[:, None] & ((k0 + 2 * j) < K)[None, :]
+                packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=ok, other=0).to(tl.int32)
+                lo = (packed & 0xF).to(tl.float32) - 8.0
+                hi = (packed >> 4).to(tl.float32) - 8.0
+                xe = tl.load(x_base + k0 + 2 * j, mask=(k0 + 2 * j) < K, other=0.0).to(tl.float32)
+                xo = tl.load(x_base + k0 + 2 * j + 1, mask=(k0 + 2 * j + 1) < K, other=0.0).to(tl.float32)
+                prod = lo * xe[None, :] + hi * xo[None, :]
+                dots = tl.sum(tl.reshape(prod, (BLOCK_N, NG, GROUP // 2)), 2)
+                xsum = tl.sum(tl.reshape(xe + xo, (NG, GROUP // 2)), 1)
+                g = k0 // GROUP + tl.arange(0, NG)
+                g_ok = row_ok[:, None] & (g < groups)[None, :]
+                s = tl.load(s_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+                z = tl.load(z_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+                acc += tl.sum(s * dots + z * xsum[None, :], 1)
+            y = acc
+        else:
+            cols = tl.arange(0, BLOCK_K)
+            w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * K
+            acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ok = row_ok[:, None] & ((k0 + cols) < K)[None, :]
+                w = tl.load(w_base + (k0 + cols)[None, :], mask=ok, other=0).to(tl.float32)
+                x = tl.load(x_base + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
+                acc2 += w * x[None, :]
+            y = tl.sum(acc2, 1)
+            if FMT == 1:
+                y = y * tl.load(s_ptr + e * s_expert_stride + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=None, group_size: int = 64,
+         experts: torch.Tensor | None = None, per_expert_x: bool = False,
+         block: tuple[int, int] | None = None) -> torch.Tensor:
+    """One token: x [K] (or [P, K] with per_expert_x) against weight [N, K] or the experts `experts`
+    [P] of a stack [E, N, K] (int4: [.., N, K/2]) -> [P, N] in x's dtype (P = 1 without experts).
+
+    The int4 group size must divide every BLOCK_K the tuner tries: 32, 64 or 128. block=(BLOCK_N,
+    BLOCK_K) skips the tuner (tests under TRITON_INTERPRET, benchmarks)."""
+    x = x.contiguous()
+    n = weight.shape[-2]
+    k = x.shape[-1]
+    p = 1 if experts is None else experts.numel()
+    out = torch.empty((p, n), dtype=x.dtype, device=x.device)
+    stacked = weight.dim() == 3
+    w_stride = weight.stride(0) if stacked else 0
+    s_stride = scales.stride(0) if (stacked and scales is not None) else 0
+    dummy = weight  # unused pointer arguments still need a tensor
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p)  # noqa: E731
+    kernel, fixed = (_gemv, {}) if block is None else (_gemv.fn, {"BLOCK_N": block[0], "BLOCK_K": block[1]})
+    kernel[grid](
+        x, k if per_expert_x else 0, experts if experts is not None else dummy, weight,
+        scales if scales is not None else dummy, zeros if zeros is not None else dummy, out,
+        n, k, p, w_stride, s_stride,
+        FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, **fixed,
+    )
+    return out

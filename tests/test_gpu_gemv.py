@@ -1,0 +1,49 @@
+"""The Triton one-token GEMVs (ernie_cli/gpu_gemv.py) against float64 arithmetic on the GPU.
+
+Skipped without CUDA and Triton; run on the GPU machine with `pytest tests/test_gpu_gemv.py`.
+With float32 inputs the only error is float32 summation (bound 1e-5 of sum |x||w|); with bf16
+inputs the output is rounded once to bf16 (2^-8 relative).
+"""
+
+import pytest
+import torch
+
+from ernie_cli import gpu_gemv
+from ernie_cli.quant import formats
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_gemv.triton is not None), reason="needs a CUDA GPU and Triton")
+
+
+def _weights(fmt, shape, group, seed):
+    w = 0.02 * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if fmt == "float":
+        wt = w.to(torch.bfloat16)
+        return {"weight": wt.cuda()}, wt.double()
+    disk = formats.quantize(fmt, w, group)
+    args = {"weight": disk["qweight"].cuda(), "scales": disk["scales"].cuda(), "zeros": disk["zeros"].cuda() if "zeros" in disk else None, "group_size": group}
+    return args, formats.dequantize(fmt, disk, group, torch.float64)
+
+
+def _assert_close(y, ref, x, w, rounding):
+    bound = 1e-5 * (x.double().abs() @ w.abs().T) * (1 + rounding) + rounding * ref.abs() + 1e-7
+    assert ((y.double().cpu() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("fmt, group", [("float", 0), ("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("dtype, rounding", [(torch.float32, 0.0), (torch.bfloat16, 2.0**-8)])
+def test_experts_and_single_matrices_against_float64(fmt, group, dtype, rounding):
+    e_count, n, k = 6, 200, 384  # N not a multiple of any block
+    args, w = _weights(fmt, (e_count, n, k), group or 64, seed=1)
+    experts = torch.tensor([5, 0, 3, 3], device="cuda")
+    gen = torch.Generator().manual_seed(2)
+    x1 = torch.randn(k, generator=gen).to(dtype)
+    xs = torch.randn(4, k, generator=gen).to(dtype)
+    y = gpu_gemv.gemv(fmt, x1.cuda(), experts=experts, **args)
+    for p, e in enumerate(experts.tolist()):
+        _assert_close(y[p], x1.double() @ w[e].T, x1, w[e], rounding)
+    y = gpu_gemv.gemv(fmt, xs.cuda(), experts=experts, per_expert_x=True, **args)
+    for p, e in enumerate(experts.tolist()):
+        _assert_close(y[p], xs[p].double() @ w[e].T, xs[p], w[e], rounding)
+    one = {key: (v[2] if isinstance(v, torch.Tensor) else v) for key, v in args.items()}
+    y = gpu_gemv.gemv(fmt, x1.cuda(), **one)
+    _assert_close(y[0], x1.double() @ w[2].T, x1, w[2], rounding)
