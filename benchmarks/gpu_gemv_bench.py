@@ -1,7 +1,7 @@
 """One-token GEMVs at the 21B-A3B shapes on CUDA: the Triton kernels of gpu_gemv against the
 compiled multiply-and-sum form Inductor generated before them (the same bytes read), in one process.
 
-Usage (GPU machine): python benchmarks/gpu_gemv_bench.py
+Usage (GPU machine): python benchmarks/gpu_gemv_bench.py [FORMAT ...]   (default: float int8 int4)
 Rows: 6 routed experts' gate_up [64, 3072, 2560] (shared input) and down [64, 2560, 1536] (one input
 per expert), the q projection [2560, 2560] and the tied head [103424, 2560]; GB/s = weight bytes
 read / median time of 50 calls (CUDA events), after a warm-up that also runs the autotuner.
@@ -70,7 +70,9 @@ def main():
     name = torch.cuda.get_device_name()
     experts = torch.tensor([3, 17, 22, 40, 41, 63], device="cuda")
     rows = []
-    for fmt in ("float", "int8", "int4"):
+    import sys
+
+    for fmt in sys.argv[1:] or ("float", "int8", "int4"):
         for label, shape, idx, per in (
             ("experts gate_up x6", (64, 3072, 2560), experts, False),
             ("experts down x6", (64, 2560, 1536), experts, True),
