@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# The variants 3 and 4 were removed after this run (slower); they exist at commit bf5378d.
 # Device call 8 (issue 7): three int4 GEMV inner loops (ERNIE_INT4_GEMV=2: per-group reshape and
 # reduce; 3: dequantized in registers with per-column scale gathers; 4: one group per step), the
 # kernel table for each, then the 8-layer int4 decode with the fastest on the head.

@@ -10,7 +10,6 @@ read / median time of 50 calls (CUDA events), after a warm-up that also runs the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ernie_cli import gpu_gemv
 from ernie_cli.quant import formats
@@ -91,7 +90,7 @@ def main():
             ref = ind_fn(x, idx, per).double()
             rel = ((y - ref).norm() / ref.norm()).item()
             rows.append((fmt, label, read / 1e6, tri, read / tri / 1e3, ind, read / ind / 1e3, rel))
-            del args
+            args = None  # free the weights before the next matrix
             torch.cuda.empty_cache()
     print(f"\n{name}, torch {torch.__version__}")
     print("| weights | matrix | MB read | triton us | triton GB/s | inductor us | inductor GB/s | rel. diff |")

@@ -28,7 +28,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (bf16, fp16, fp32)
 ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant
-INT4_VARIANT = int(os.environ.get("ERNIE_INT4_GEMV", "2"))  # temporary: three int4 loops under measurement
 
 
 def usable(x: torch.Tensor, fmt: str = "bf16", group_size: int = 64) -> bool:
@@ -93,45 +92,6 @@ if triton is not None:
                 z = tl.load(z_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
                 acc += tl.sum(s * dots + z * xsum[None, :], 1)
             y = acc
-        elif FMT == 3:  # int4, dequantized in registers, scales gathered per column: no reshapes
-            HALF3: tl.constexpr = BLOCK_K // 2
-            groups3 = (K + GROUP - 1) // GROUP
-            w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * (K // 2)
-            s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * groups3
-            z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * groups3
-            acc3 = tl.zeros((BLOCK_N, HALF3), tl.float32)
-            j = tl.arange(0, HALF3)
-            for k0 in range(0, K, BLOCK_K):
-                col_ok = (k0 + 2 * j) < K
-                ok = row_ok[:, None] & col_ok[None, :]
-                packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=ok, other=0).to(tl.int32)
-                g = (k0 + 2 * j) // GROUP
-                sc = tl.load(s_base + g[None, :], mask=ok, other=0.0).to(tl.float32)
-                c = tl.load(z_base + g[None, :], mask=ok, other=0.0).to(tl.float32) - 8.0 * sc
-                xe = tl.load(x_base + k0 + 2 * j, mask=col_ok, other=0.0).to(tl.float32)
-                xo = tl.load(x_base + k0 + 2 * j + 1, mask=(k0 + 2 * j + 1) < K, other=0.0).to(tl.float32)
-                acc3 += ((packed & 0xF).to(tl.float32) * sc + c) * xe[None, :]
-                acc3 += ((packed >> 4).to(tl.float32) * sc + c) * xo[None, :]
-            y = tl.sum(acc3, 1)
-        elif FMT == 4:  # int4, one group per step: the scale and zero are one value per row
-            HALF4: tl.constexpr = GROUP // 2
-            groups4 = (K + GROUP - 1) // GROUP
-            w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * (K // 2)
-            s_row = s_ptr + e * s_expert_stride + rows.to(tl.int64) * groups4
-            z_row = z_ptr + e * s_expert_stride + rows.to(tl.int64) * groups4
-            acc4 = tl.zeros((BLOCK_N, HALF4), tl.float32)
-            j = tl.arange(0, HALF4)
-            for gi in range(0, groups4):
-                k0 = gi * GROUP
-                col_ok = (k0 + 2 * j) < K
-                packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0).to(tl.int32)
-                sc = tl.load(s_row + gi, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-                c = tl.load(z_row + gi, mask=row_ok, other=0.0).to(tl.float32)[:, None] - 8.0 * sc
-                xe = tl.load(x_base + k0 + 2 * j, mask=col_ok, other=0.0).to(tl.float32)
-                xo = tl.load(x_base + k0 + 2 * j + 1, mask=(k0 + 2 * j + 1) < K, other=0.0).to(tl.float32)
-                acc4 += ((packed & 0xF).to(tl.float32) * sc + c) * xe[None, :]
-                acc4 += ((packed >> 4).to(tl.float32) * sc + c) * xo[None, :]
-            y = tl.sum(acc4, 1)
         else:
             cols = tl.arange(0, BLOCK_K)
             w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * K
@@ -170,6 +130,6 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
         x, k if per_expert_x else 0, experts if experts is not None else dummy, weight,
         scales if scales is not None else dummy, zeros if zeros is not None else dummy, out,
         n, k, p, w_stride, s_stride,
-        FMT=INT4_VARIANT if fmt == "int4" else FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, **fixed,
+        FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, **fixed,
     )
     return out
