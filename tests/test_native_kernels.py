@@ -141,3 +141,19 @@ def test_build_is_cached_under_a_content_hash(monkeypatch, tmp_path):
         assert [p.stat().st_mtime_ns for p in tmp_path.iterdir()] == [stamp]  # loaded, not rebuilt
     finally:
         native.kernels.cache_clear()
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Rows are split between threads, never a row's sum: any thread count gives the same bits."""
+    disk = _disk("int4", (4, 96, 256), 64, seed=8)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(9))
+    experts = torch.tensor([3, 1])
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(native.kernels().int4(disk["qweight"], disk["scales"], disk["zeros"], x, 64, experts))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])

@@ -17,10 +17,12 @@
  * int8 (one scale per row): VPDPBUSD takes unsigned x signed bytes; the weight is made unsigned by
  * flipping its sign bit (w + 128), and 128 * sum(xq) is taken back out once per block.
  *
- * Threads: OpenMP over output rows (the libgomp torch already loaded).
+ * Threads: OpenMP over output rows, as many as ernie_set_threads says (torch's thread count: where
+ * torch bundles its own OpenMP runtime under another name, ours would not see torch's setting).
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,11 +54,17 @@ static inline __m512 load16(const void *x, int bf16, int64_t at) {
     return _mm512_loadu_ps((const float *)x + at);
 }
 
+static int threads = 0; /* 0: OpenMP's default */
+
+void ernie_set_threads(int n) { threads = n; }
+
+static inline int team(void) { return threads > 0 ? threads : omp_get_max_threads(); }
+
 static void quantize_acts(const void *x, int bf16, int64_t m_count, int64_t k, int permute, Acts *a) {
     const int64_t blocks = k / BLOCK;
     const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
     const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
-#pragma omp parallel for schedule(static) if (m_count * k >= (1 << 16))
+#pragma omp parallel for schedule(static) num_threads(team()) if (m_count * k >= (1 << 16))
     for (int64_t mb = 0; mb < m_count * blocks; mb++) {
         const int64_t m = mb / blocks, b = mb % blocks;
         __m512 v[4];
@@ -248,7 +256,7 @@ static int matmul(int bits, const void *w, const uint16_t *scales, const uint16_
         int64_t row_bytes = bits == 4 ? k / 2 : k;
         int64_t groups = bits == 4 ? k / group : 1;
         int64_t total = p_count * n;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(team())
         for (int64_t i = 0; i < total; i++) {
             int64_t p = i / n, row = i % n;
             int64_t e = experts ? experts[p] : 0;

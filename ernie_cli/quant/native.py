@@ -72,6 +72,9 @@ class Kernels:
         self.q8 = lib.ernie_q8_matmul
         self.q8.argtypes = [p, p, p, i64, p, i32, i64, p, i32, i64, i64, i64]
         self.q8.restype = ctypes.c_int
+        self._set_threads = lib.ernie_set_threads
+        self._set_threads.argtypes = [i32]
+        self._threads = None
 
     def int4(self, qweight, scales, zeros, x, group_size, experts=None, per_expert_x=False, out_dtype=None):
         """x [M, K] (or [P, M, K] with per_expert_x), float32 or bfloat16 -> [P, M, N] (P = 1 without
@@ -92,8 +95,11 @@ class Kernels:
                      out.data_ptr(), out.dtype == BF16, m, n, k)
         return self._check(rc, out)
 
-    @staticmethod
-    def _prepare(x, n, k, experts, per_expert_x, out_dtype):
+    def _prepare(self, x, n, k, experts, per_expert_x, out_dtype):
+        threads = torch.get_num_threads()  # `-t` and torch.set_num_threads govern these kernels too
+        if threads != self._threads:
+            self._set_threads(threads)
+            self._threads = threads
         assert x.dtype in (torch.float32, BF16) and x.is_contiguous() and x.shape[-1] == k
         assert experts is None or (experts.dtype == torch.int64 and experts.is_contiguous())
         p_count = 1 if experts is None else experts.numel()
