@@ -199,10 +199,11 @@ class Experts(nn.Module):
         reduction and reads each selected expert once; eagerly, einsum avoids the big product intermediate.
         """
         if gpu_gemv.usable(x):
-            experts = idx[0]
-            gate, up = gpu_gemv.gemv("float", x[0], self.gate_up_proj, experts=experts).chunk(2, dim=-1)
-            y = gpu_gemv.gemv("float", F.silu(gate) * up, self.down_proj, experts=experts, per_expert_x=True)
-            return (y * weights[0, :, None]).sum(0, keepdim=True)
+            return run_selected(
+                x, weights, idx,
+                lambda v, e: gpu_gemv.gemv("float", v, self.gate_up_proj, experts=e),
+                lambda h, e: gpu_gemv.gemv("float", h, self.down_proj, experts=e, per_expert_x=True),
+            )
         if torch.compiler.is_compiling():
             gu = (self.gate_up_proj[idx] * x[:, None, None, :]).sum(-1)
             gate, up = gu.chunk(2, dim=-1)
@@ -249,6 +250,15 @@ def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor
         begin += n
         out.index_add_(0, tok, (expert(x[tok], e) * weights[tok, slot, None]).to(out.dtype))
     return out
+
+
+def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """One token through its k experts with kernels that take all k at once: gate_up(x [H], experts)
+    -> [k, 2I] and down(h [k, I], experts) -> [k, H], each expert's rows read once."""
+    experts = idx[0]
+    gate, up = gate_up(x[0], experts).chunk(2, dim=-1)
+    y = down((F.silu(gate) * up).contiguous(), experts)
+    return (y * weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)

@@ -16,9 +16,10 @@ Three backends:
   zero columns at load time otherwise). int4: `_weight_int4pack_mm_for_cpu`, whose packed layout is
   made at load time by `_convert_weight_to_int4pack_for_cpu` (needs N % 16 == 0, K a multiple of the
   group size: rows and columns are padded at load time when they are not).
-- "dequant": any device (CUDA): the disk layout as it is; a weight is dequantized to the
-  activation dtype just before its matmul. Correct and graph-friendly (static shapes, no host sync
-  in the one-token path); not yet a fused kernel.
+- "dequant": any device (CUDA): the disk layout as it is. One token on CUDA goes through the Triton
+  GEMVs of ernie_cli/gpu_gemv.py (bytes to floats in registers, the selected experts in one launch);
+  otherwise a weight is dequantized to the activation dtype just before its matmul. Graph-friendly
+  either way (static shapes, no host sync in the one-token path).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie_cli import gpu_gemv
-from ernie_cli.model import run_grouped
+from ernie_cli.model import run_grouped, run_selected
 from ernie_cli.quant import formats, native
 
 BF16 = torch.bfloat16
@@ -328,10 +329,11 @@ class QuantExperts(nn.Module):
 
     def selected_native(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """One token, native kernels: the k selected experts in one call per projection."""
-        experts = idx[0].contiguous()
-        gate, up = self.gate_up_proj.native_mm(_native_input(x), experts).chunk(2, dim=-1)  # [k, 1, 2I]
-        h = self.down_proj.native_mm((F.silu(gate) * up).contiguous(), experts, per_expert_x=True, out_dtype=torch.float32)
-        return (weights[0].float() @ h[:, 0]).unsqueeze(0).to(x.dtype)  # [1, H]
+        return run_selected(
+            x, weights, idx,
+            lambda v, e: self.gate_up_proj.native_mm(_native_input(v[None]), e)[:, 0],
+            lambda h, e: self.down_proj.native_mm(h[:, None], e, per_expert_x=True, out_dtype=torch.float32)[:, 0],
+        )
 
     def selected_traced(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The same under torch.compile: experts picked by 0-d tensor indices, no Python list."""
@@ -341,17 +343,15 @@ class QuantExperts(nn.Module):
         return out
 
     def gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Graph-safe decode (CUDA): dequantize the selected experts by index, then batched GEMVs.
+        """Graph-safe decode (CUDA): the Triton GEMVs on the selected experts where they run; else
+        dequantize the selected experts by index, then batched GEMVs.
 
-        Compiled, the multiply-and-sum form lets Inductor fuse the gather and the dequantization into
+        Compiled, that multiply-and-sum form lets Inductor fuse the gather and the dequantization into
         the reduction (each selected expert's bytes read once); eagerly, einsum avoids the product temporary.
         """
         gu, down = self.gate_up_proj, self.down_proj
         if gpu_gemv.usable(x, gu.fmt, gu.group_size) and gpu_gemv.usable(x, down.fmt, down.group_size):
-            experts = idx[0]
-            gate, up = gu._gpu_gemv(x[0], experts).chunk(2, dim=-1)
-            y = down._gpu_gemv(F.silu(gate) * up, experts, per_expert_x=True)
-            return (y * weights[0, :, None]).sum(0, keepdim=True)
+            return run_selected(x, weights, idx, gu._gpu_gemv, lambda h, e: down._gpu_gemv(h, e, per_expert_x=True))
         w1 = self.gate_up_proj.dequantize(idx, x.dtype)
         w2 = self.down_proj.dequantize(idx, x.dtype)
         if torch.compiler.is_compiling():
