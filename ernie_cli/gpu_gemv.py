@@ -30,7 +30,7 @@ FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (b
 ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant
 
 
-def usable(x: torch.Tensor, fmt: str = "bf16", group_size: int = 64) -> bool:
+def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
     """For this one-token input: on CUDA, with Triton, not turned off (ERNIE_TRITON=0 keeps the
     compiled multiply-and-sum form, for comparison), and an int4 group the kernel's blocks hold."""
     return (

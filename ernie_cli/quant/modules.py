@@ -218,12 +218,16 @@ class QuantWeight(nn.Module):
 
     def _gpu_gemv(self, x: torch.Tensor, experts=None, per_expert_x: bool = False) -> torch.Tensor:
         """One token on CUDA through gpu_gemv (Triton): [P, out] for the experts tensor, [1, out] else."""
-        q, s = self.qweight, self.scales
-        z = getattr(self, "zeros", None)
-        if experts is not None and not isinstance(experts, torch.Tensor):
-            q, s, z = q[experts], s[experts], (None if z is None else z[experts])
-            experts = None
+        q, s, z, experts = self._disk_tensors(experts)
         return gpu_gemv.gemv(self.fmt, x, q, s, z, self.group_size, experts, per_expert_x)
+
+    def _disk_tensors(self, experts):
+        """(qweight, scales, zeros or None, experts) of the disk layout; an int expert becomes views of
+        its own weights (experts None), an index tensor or None is passed on to the kernel."""
+        q, s, z = self.qweight, self.scales, getattr(self, "zeros", None)
+        if isinstance(experts, int):
+            return q[experts], s[experts], (None if z is None else z[experts]), None
+        return q, s, z, experts
 
     def native_mm(self, x: torch.Tensor, experts=None, per_expert_x: bool = False, out_dtype=None) -> torch.Tensor:
         """The native kernel: x float32/bf16 [M, in] -> [P, M, out] for the P experts named by `experts`
@@ -231,11 +235,7 @@ class QuantWeight(nn.Module):
         Output in out_dtype where it is float32 or bf16, else float32."""
         out_dtype = out_dtype if out_dtype in (torch.float32, BF16) else torch.float32
         k = native.kernels()
-        q, s = self.qweight, self.scales
-        z = self.zeros if self.fmt == "int4" else None
-        if isinstance(experts, int):
-            q, s, z = q[experts], s[experts], (None if z is None else z[experts])
-            experts = None
+        q, s, z, experts = self._disk_tensors(experts)
         if self.fmt == "int4":
             return k.int4(q, s, z, x, self.group_size, experts, per_expert_x, out_dtype)
         return k.int8(q, s, x, experts, per_expert_x, out_dtype)
