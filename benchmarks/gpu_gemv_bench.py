@@ -1,102 +1,93 @@
-"""One-token GEMVs at the 21B-A3B shapes on CUDA: the Triton kernels of gpu_gemv against the
-compiled multiply-and-sum form Inductor generated before them (the same bytes read), in one process.
+"""One-token GEMVs at the 21B-A3B shapes on CUDA: the Triton kernels of gpu_gemv, timed inside a CUDA
+graph, as the decode step runs them. (Round 9 also timed int-to-float code conversion against the
+magic-number form here; the table is in docs/performance.md.)
 
 Usage (GPU machine): python benchmarks/gpu_gemv_bench.py [FORMAT ...]   (default: float int8 int4)
-Rows: 6 routed experts' gate_up [64, 3072, 2560] (shared input) and down [64, 2560, 1536] (one input
-per expert), the q projection [2560, 2560] and the tied head [103424, 2560]; GB/s = weight bytes
-read / median time of 50 calls (CUDA events), after a warm-up that also runs the autotuner.
+Each row captures 100 calls in one CUDA graph and reports the median over 20 replays, per call. Calls
+rotate over enough weight copies (or expert sets) that more than 300 MB is read between repeats, so
+the 50 MB L2 cache does not serve them. GB/s = weight bytes one call reads / its time.
 """
 
 from __future__ import annotations
+
+import statistics
+import sys
 
 import torch
 
 from ernie_cli import gpu_gemv
 from ernie_cli.quant import formats
 
-
-def median_us(fn, reps=50):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    times.sort()
-    return times[len(times) // 2]
+CALLS, REPLAYS = 100, 20
+MATRICES = (  # label, one weight's shape, experts taken per call (0: a plain matrix), one input per expert
+    ("6 experts' gate_up [3072x2560]", (64, 3072, 2560), 6, False),
+    ("6 experts' down [2560x1536]", (64, 2560, 1536), 6, True),
+    ("q_proj [2560x2560]", (2560, 2560), 0, False),
+    ("k_proj [512x2560]", (512, 2560), 0, False),
+    ("shared gate_up [6144x2560]", (6144, 2560), 0, False),
+    ("shared down [2560x3072]", (2560, 3072), 0, False),
+    ("head [103424x2560]", (103424, 2560), 0, False),
+)
 
 
-def weights(fmt, shape):
+def make(fmt, shape):
     w = torch.randn(shape, device="cuda", dtype=torch.bfloat16) * 0.02
     if fmt == "float":
         return {"weight": w}, w.numel() * 2
     q = formats.quantize(fmt, w, 64)
+    del w
     args = {"weight": q["qweight"], "scales": q["scales"], "zeros": q.get("zeros"), "group_size": 64}
     return args, sum(t.numel() * t.element_size() for t in q.values())
 
 
-def inductor_form(fmt, args):
-    """The previous decode path: dequantize by index and multiply-and-sum, compiled."""
-
-    def deq(idx):
-        w = args["weight"] if idx is None else args["weight"][idx]
-        if fmt == "float":
-            return w
-        s = args["scales"] if idx is None else args["scales"][idx]
-        if fmt == "int8":
-            return formats.dequantize_int8(w, s, torch.bfloat16)
-        z = args["zeros"] if idx is None else args["zeros"][idx]
-        return formats.dequantize_int4(w, s, z, 64, torch.bfloat16)
-
-    @torch.compile(fullgraph=True)
-    def run(x, idx, per_expert):
-        w = deq(idx)
-        if idx is None:
-            return (w * x[None, :]).sum(-1)
-        return (w * (x[:, None, :] if per_expert else x[None, None, :])).sum(-1)
-
-    return run
+def graph_us(calls) -> float:
+    """Median µs per call of a CUDA graph replaying calls (a list of zero-argument launches)."""
+    for c in calls:  # autotune and compile outside the capture
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    times = []
+    for _ in range(REPLAYS):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1000 / len(calls))
+    return statistics.median(times)
 
 
 def main():
-    torch._dynamo.config.cache_size_limit = 64  # one compiled baseline per (format, matrix)
-    torch._dynamo.config.recompile_limit = 64
     torch.manual_seed(0)
-    name = torch.cuda.get_device_name()
-    experts = torch.tensor([3, 17, 22, 40, 41, 63], device="cuda")
     rows = []
-    import sys
-
     for fmt in sys.argv[1:] or ("float", "int8", "int4"):
-        for label, shape, idx, per in (
-            ("experts gate_up x6", (64, 3072, 2560), experts, False),
-            ("experts down x6", (64, 2560, 1536), experts, True),
-            ("q_proj", (2560, 2560), None, False),
-            ("head", (103424, 2560), None, False),
-        ):
-            args, total = weights(fmt, shape)
-            read = total * (len(experts) / shape[0] if idx is not None else 1)
-            k = shape[-1]
-            x = torch.randn((len(experts), k) if per else (k,), device="cuda", dtype=torch.bfloat16)
-            tri = median_us(lambda: gpu_gemv.gemv(fmt, x, experts=idx, per_expert_x=per, **args))
-            ind_fn = inductor_form(fmt, args)
-            ind = median_us(lambda: ind_fn(x, idx, per))
-            # correctness against float64 on the selected weights
-            y = gpu_gemv.gemv(fmt, x, experts=idx, per_expert_x=per, **args).double()
-            ref = ind_fn(x, idx, per).double()
-            rel = ((y - ref).norm() / ref.norm()).item()
-            rows.append((fmt, label, read / 1e6, tri, read / tri / 1e3, ind, read / ind / 1e3, rel))
-            args = None  # free the weights before the next matrix
+        for label, shape, k, per in MATRICES:
+            one, total = make(fmt, shape)
+            if k:  # one stack; each call takes a different set of k experts
+                sets = [torch.arange(i * k, i * k + k, device="cuda") % shape[0] for i in range(10)]
+                read = total * k / shape[0]
+                copies = [one] * len(sets)
+            else:  # copies of the matrix, so repeats come from memory, not L2
+                read = total
+                copies = [one] + [make(fmt, shape)[0] for _ in range(min(CALLS - 1, 300_000_000 // total))]
+                sets = [None] * len(copies)
+            x = torch.randn((k, shape[-1]) if per else (shape[-1],), device="cuda", dtype=torch.bfloat16)
+            calls = [
+                (lambda a=copies[i % len(copies)], e=sets[i % len(sets)]: gpu_gemv.gemv(fmt, x, experts=e, per_expert_x=per, **a))
+                for i in range(CALLS)
+            ]
+            rows.append((fmt, label, read / 1e6, graph_us(calls)))
+            copies = one = None
             torch.cuda.empty_cache()
-    print(f"\n{name}, torch {torch.__version__}")
-    print("| weights | matrix | MB read | triton us | triton GB/s | inductor us | inductor GB/s | rel. diff |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} | {r[4]:,.0f} | {r[5]:.1f} | {r[6]:,.0f} | {r[7]:.1e} |")
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {gpu_gemv.triton.__version__}; µs per call inside a CUDA graph")
+    print("| weights | matrix | MB read | µs | GB/s |")
+    print("|---|---|---:|---:|---:|")
+    for fmt, label, mb, us in rows:
+        print(f"| {fmt} | {label} | {mb:.1f} | {us:.1f} | {mb / us * 1e3:,.0f} |")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class Decoder:
         self.compiled = compile
         if compile:
             _compile_settings()
+            model.fuse_projections()  # fewer launches in the graph; eager steps use the same modules
             self.step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
             self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
 

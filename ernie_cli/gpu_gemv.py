@@ -16,6 +16,7 @@ launch has static shapes, so the decode step stays one CUDA graph.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -45,16 +46,25 @@ def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
 if triton is not None:
 
     def _configs():
+        # The K=1024 shapes keep more bytes in flight per program, which int4 (half a byte a weight)
+        # and the matrices of few rows (too few programs to fill 132 SMs) need.
         return [
             triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-            for bn, bk, w in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (16, 512, 8), (32, 128, 4), (64, 128, 8))
+            for bn, bk, w in (
+                (16, 256, 4), (32, 256, 4), (8, 512, 4), (16, 512, 8), (32, 128, 4), (64, 128, 8),
+                (4, 1024, 4), (8, 1024, 4), (16, 1024, 8),
+            )
         ]
 
-    @triton.autotune(configs=_configs(), key=["N", "K", "P", "FMT"])
+    # The tuner's choices are kept in Triton's cache directory where this Triton can, so a second
+    # process does not time every configuration again (it cost seconds of every start).
+    _keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+    @triton.autotune(configs=_configs(), key=["N", "K", "P", "FMT"], **_keep)
     @triton.jit
     def _gemv(
         x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
-        N, K, P, w_expert_stride, s_expert_stride,
+        N, K, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
         FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -71,9 +81,9 @@ if triton is not None:
             HALF: tl.constexpr = BLOCK_K // 2
             NG: tl.constexpr = BLOCK_K // GROUP
             groups = (K + GROUP - 1) // GROUP
-            w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * (K // 2)
-            s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * groups
-            z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * groups
+            w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
+            s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
+            z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
             acc = tl.zeros((BLOCK_N,), tl.float32)
             j = tl.arange(0, HALF)
             for k0 in range(0, K, BLOCK_K):
@@ -94,11 +104,15 @@ if triton is not None:
             y = acc
         else:
             cols = tl.arange(0, BLOCK_K)
-            w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * K
+            w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
             acc2 = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 ok = row_ok[:, None] & ((k0 + cols) < K)[None, :]
-                w = tl.load(w_base + (k0 + cols)[None, :], mask=ok, other=0).to(tl.float32)
+                w = tl.load(w_base + (k0 + cols)[None, :], mask=ok, other=0)
+                if FMT == 1:  # 1.5 * 2^23 + q as float bits, minus 1.5 * 2^23: no int-to-float instruction
+                    w = (w.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+                else:
+                    w = w.to(tl.float32)
                 x = tl.load(x_base + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
                 acc2 += w * x[None, :]
             y = tl.sum(acc2, 1)
@@ -129,7 +143,7 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     kernel[grid](
         x, k if per_expert_x else 0, experts if experts is not None else dummy, weight,
         scales if scales is not None else dummy, zeros if zeros is not None else dummy, out,
-        n, k, p, w_stride, s_stride,
+        n, k, p, w_stride, s_stride, weight.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
         FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, **fixed,
     )
     return out

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernie_cli import gpu_gemv
+from ernie_cli import gpu_gemv, gpu_router
 from ernie_cli.config import ErnieConfig
 
 
@@ -36,6 +36,37 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)  # weight applied after the cast back, as transformers does
+
+
+# ---- linear layers ---------------------------------------------------------------------------------
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose one-token product on CUDA is gpu_gemv's kernel: inside the decode graph on
+    the H200, cuBLAS's GEMV kernels read these 2.6–31 MB matrices at about 1.9 TB/s, the Triton
+    kernel at 2.3–3.9 TB/s (benchmarks/gpu_gemv_bench.py, gpu_profile.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if not gpu_gemv.usable(flat):
+            return F.linear(x, self.weight, self.bias)
+        y = gpu_gemv.gemv("float", flat[0], self.weight).view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+def concatenate_linears(parts: list[nn.Module]) -> nn.Module | None:
+    """One module computing cat([p(x) for p in parts], -1), or None where the parts cannot merge.
+
+    Quantized parts merge through their own `concatenate` (ernie_cli.quant.modules.QuantLinear)."""
+    if all(type(p) in (nn.Linear, Linear) for p in parts):
+        bias = parts[0].bias is not None
+        merged = Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=bias, device="meta")
+        merged.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        if bias:
+            merged.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+        return merged
+    concatenate = getattr(type(parts[0]), "concatenate", None)
+    return concatenate(parts) if concatenate is not None else None
 
 
 # ---- §2.3 interleaved (GPT-J style) rotary embedding -----------------------------------------------
@@ -99,19 +130,37 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, bias = cfg.hidden_size, cfg.use_bias
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=bias)
+        self.qkv_proj = None  # q, k and v as one matrix once fuse_qkv() ran
         self.scale = self.head_dim**-0.5
         self.cache: KVCache | None = None
+
+    def fuse_qkv(self) -> None:
+        """Replace q_proj, k_proj and v_proj by one matrix: one kernel instead of three per decode
+        step. The separate modules are dropped, so the weights are never held twice."""
+        if self.qkv_proj is not None:
+            return
+        merged = concatenate_linears([self.q_proj, self.k_proj, self.v_proj])
+        if merged is not None:
+            self.qkv_proj = merged
+            del self.q_proj, self.k_proj, self.v_proj
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.n_kv * self.head_dim
+        return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
         """start: the first position, as an int (eager), or a one-element device tensor (decode graph)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if isinstance(start, torch.Tensor):
             k, v = self.cache.write_at(start, k, v)
@@ -146,8 +195,8 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -167,7 +216,10 @@ class Router(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.softmax(F.linear(x.float(), self.weight), dim=-1, dtype=torch.float32)
+        logits = F.linear(x.float(), self.weight)
+        if gpu_router.usable(logits):
+            return gpu_router.route(logits, self.e_score_correction_bias, self.top_k, self.norm_min, x.dtype)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         _, idx = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1)
         weights = probs.gather(-1, idx)
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
@@ -306,7 +358,7 @@ class ErnieForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Untied checkpoints get their own head; ERNIE 4.5 releases tie it to the embedding.
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_seq = 0
         self.quantization = None  # an ernie_cli.quant.spec.QuantSpec when the weights are int8/int4
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -352,7 +404,17 @@ class ErnieForCausalLM(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states -> logits. Quantized head modules (ernie_cli.quant) bring their own `project`."""
         project = getattr(self.embed_tokens if self.lm_head is None else self.lm_head, "project", None)
-        return project(x) if project is not None else F.linear(x, self.head_weight())
+        if project is not None:
+            return project(x)
+        flat = x.reshape(-1, x.shape[-1])
+        if gpu_gemv.usable(flat):  # the tied head too: 4.4 TB/s against cuBLAS's 4.1 (H200)
+            return gpu_gemv.gemv("float", flat[0], self.head_weight()).view(*x.shape[:-1], -1)
+        return F.linear(x, self.head_weight())
+
+    def fuse_projections(self) -> None:
+        """Fewer, larger matrices for the decode graph (see Attention.fuse_qkv)."""
+        for layer in self.layers:
+            layer.self_attn.fuse_qkv()
 
     def forward(self, tokens: torch.Tensor, start: int = 0, all_logits: bool = False) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 -> logits [B, T or 1, V] (the last position unless all_logits)."""

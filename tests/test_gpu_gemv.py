@@ -47,3 +47,22 @@ def test_experts_and_single_matrices_against_float64(fmt, group, dtype, rounding
     one = {key: (v[2] if isinstance(v, torch.Tensor) else v) for key, v in args.items()}
     y = gpu_gemv.gemv(fmt, x1.cuda(), **one)
     _assert_close(y[0], x1.double() @ w[2].T, x1, w[2], rounding)
+
+
+@pytest.mark.parametrize("experts, k", [(64, 6), (8, 2), (5, 3)])
+def test_router_kernel_picks_and_weighs_like_torch(experts, k):
+    """gpu_router against the float32 torch arithmetic of model.Router: the same experts in the same
+    (descending) order, weights within 2e-6 relative of float64: a few float32 roundings (sums,
+    divisions) and the GPU's fast exp (2 ulps) on each of the 64 probabilities."""
+    from ernie_cli import gpu_router
+
+    gen = torch.Generator().manual_seed(experts)
+    logits = torch.randn(33, experts, generator=gen)
+    bias = 0.01 * torch.randn(experts, generator=gen)
+    w, idx = gpu_router.route(logits.cuda(), bias.cuda(), k, 1e-12, torch.float32)
+    probs = torch.softmax(logits.double(), -1)
+    _, ref_idx = torch.topk(probs + bias.double(), k, dim=-1)
+    ref_w = probs.gather(-1, ref_idx)
+    ref_w = ref_w / ref_w.sum(-1, keepdim=True)
+    assert torch.equal(idx.cpu(), ref_idx)
+    assert ((w.double().cpu() - ref_w).abs() <= 2e-6 * ref_w.abs()).all()

@@ -153,3 +153,18 @@ def test_bf16_close_to_fp32_reference(checkpoints):
     assert ours_kl < 1e-3
     assert ours_kl <= 1.5 * their_kl + 1e-5
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("shape", ["dense", "moe"])
+def test_fused_qkv_projection_matches_transformers(checkpoints, shape):
+    """The decode graph's one q/k/v matrix (Attention.fuse_qkv) computes what the three did."""
+    path, ref = checkpoints(shape)
+    ours = load_model(path, "cpu", torch.float32)
+    before = sum(p.numel() for p in ours.parameters())
+    ours.fuse_projections()
+    attn = ours.layers[0].self_attn
+    assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
+    assert sum(p.numel() for p in ours.parameters()) == before  # moved, not copied
+    ids = _prompt(batch=2)
+    with torch.no_grad():
+        assert (ours(ids, 0, all_logits=True) - ref(ids).logits).abs().max().item() < TOL

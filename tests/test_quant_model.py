@@ -281,3 +281,25 @@ def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(checkpoint
     ids = _ids(2, 24)
     with torch.no_grad():
         assert torch.equal(in_memory(ids, 0, all_logits=True), online(ids, 0, all_logits=True))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("backend", ["dequant", "native"])
+def test_fused_qkv_of_quantized_weights_equals_the_three(quantized, monkeypatch, fmt, backend):
+    """Quantized q/k/v rows stacked into one weight (QuantLinear.concatenate) give the same numbers:
+    each output row is the same row of the same bytes."""
+    if backend == "native":
+        _need_native()
+    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant" if backend == "dequant" else "")
+    path = quantized("moe_wide", fmt, 64 if fmt == "int4" else None)
+    model = load_model(path, "cpu", torch.float32)
+    ids = _ids(1, 12, seed=7)
+    with torch.no_grad():
+        apart = model(ids, 0, all_logits=True)
+        attn = model.layers[1].self_attn
+        rows = attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
+        model.fuse_projections()
+        fused = attn.qkv_proj
+        assert isinstance(fused, QuantLinear) and fused.backend == backend and fused.out_features == rows
+        together = model(ids, 0, all_logits=True)
+    assert (together - apart).abs().max().item() < 1e-5

@@ -277,6 +277,24 @@ class QuantLinear(QuantWeight):
 
     project = forward  # as an untied lm_head
 
+    @classmethod
+    def concatenate(cls, parts: list["QuantLinear"]) -> "QuantLinear | None":
+        """The parts' rows stacked into one weight (model.concatenate_linears), where they share a
+        format, group and input size and are held in the disk layout, whose tensors are row-wise."""
+        first = parts[0]
+        same = all(
+            type(p) is cls and p.disk_layout and (p.fmt, p.group_size, p.in_features, p.backend, p.bias is None)
+            == (first.fmt, first.group_size, first.in_features, first.backend, first.bias is None)
+            for p in parts
+        )
+        if not same:
+            return None
+        merged = cls(first.fmt, (sum(p.out_features for p in parts), first.in_features), first.group_size, first.backend)
+        for key in ("qweight", "scales", "zeros", "bias"):
+            if getattr(first, key, None) is not None:
+                setattr(merged, key, _param(torch.cat([getattr(p, key) for p in parts])))
+        return merged
+
 
 class QuantEmbedding(QuantWeight):
     """An int8 embedding table [V, H]; `project` is the tied head (hidden -> logits) on the same bytes."""

@@ -1,0 +1,65 @@
+"""The MoE router's tail on CUDA as one Triton kernel: softmax, bias, top-k, gather, renormalise.
+
+Why: written in torch, the tail after the router's logits was five kernels a layer on the H200
+(three Inductor kernels and torch.topk's two, about 13 µs of a 136 µs decode layer), for 64 numbers
+per token. One program per token does it all in registers.
+
+Same arithmetic as model.Router: probabilities in float32, experts chosen by probability plus the
+correction bias, weighted by the unbiased probabilities divided by max(sum, norm_min). Experts come
+out in descending score order, ties to the lower index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ernie_cli import gpu_gemv
+
+try:  # as in gpu_gemv: CPU-only installs never call this module
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+def usable(logits: torch.Tensor) -> bool:
+    """CUDA with Triton, unless ERNIE_TRITON=0 (which keeps every one-token step in torch's kernels)."""
+    return triton is not None and logits.is_cuda and gpu_gemv.ENABLED
+
+
+if triton is not None:
+
+    @triton.jit
+    def _route(logits_ptr, bias_ptr, w_ptr, idx_ptr, E, norm_min, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+        row = tl.program_id(0)
+        e = tl.arange(0, BLOCK_E)
+        ok = e < E
+        logits = tl.load(logits_ptr + row * E + e, mask=ok, other=float("-inf"))
+        ex = tl.where(ok, tl.exp(logits - tl.max(logits, 0)), 0.0)
+        probs = ex / tl.sum(ex, 0)
+        score = tl.where(ok, probs + tl.load(bias_ptr + e, mask=ok, other=0.0), float("-inf"))
+        slots = tl.arange(0, BLOCK_K)
+        chosen = tl.zeros((BLOCK_K,), tl.int32)
+        weights = tl.zeros((BLOCK_K,), tl.float32)
+        for i in tl.static_range(K):
+            best = tl.max(score, 0)
+            j = tl.min(tl.where(score == best, e, BLOCK_E), 0)
+            chosen = tl.where(slots == i, j, chosen)
+            weights = tl.where(slots == i, tl.sum(tl.where(e == j, probs, 0.0), 0), weights)
+            score = tl.where(e == j, float("-inf"), score)
+        weights = weights / tl.maximum(tl.sum(weights, 0), norm_min)
+        tl.store(w_ptr + row * K + slots, weights.to(w_ptr.dtype.element_ty), mask=slots < K)
+        tl.store(idx_ptr + row * K + slots, chosen.to(tl.int64), mask=slots < K)
+
+
+def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits float32 [T, E] -> (weights [T, k] in dtype, expert ids int64 [T, k])."""
+    logits = logits.contiguous()
+    t, e = logits.shape
+    weights = torch.empty((t, top_k), dtype=dtype, device=logits.device)
+    idx = torch.empty((t, top_k), dtype=torch.int64, device=logits.device)
+    _route[(t,)](
+        logits, bias, weights, idx, e, norm_min,
+        K=top_k, BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
+    )
+    return weights, idx
