@@ -37,4 +37,4 @@ with torch.inference_mode():
     for i in range(26, 46):
         dec(ids[:, i : i + 1], i)
     profile.disable()
-pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+pstats.Stats(profile).sort_stats("tottime").print_stats(int(__import__("os").environ.get("TOP", "15")))

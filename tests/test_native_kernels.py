@@ -157,3 +157,36 @@ def test_results_do_not_depend_on_the_thread_count():
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@pytest.mark.parametrize("fmt, group", [("int8", 64), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_equals_the_format_definition(fmt, group, dtype):
+    """The prefill expansion (Kernels.dequantize) gives exactly formats.dequantize's numbers: the same
+    float32 operations in the same order, then the same round-to-nearest-even to bf16."""
+    disk = _disk(fmt, (3, 131, 384), group, seed=11)
+    kern = native.kernels()
+    for e in (2, 0):  # an expert of the stack, and the first
+        got = kern.dequantize(4 if fmt == "int4" else 8, disk["qweight"], disk["scales"], disk.get("zeros"), group, e, dtype)
+        ref = formats.dequantize(fmt, {key: t[e] for key, t in disk.items()}, group, torch.float32).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_prefill_expands_to_floats_and_decode_stays_integer(fmt, monkeypatch):
+    """From PREFILL_TOKENS tokens on, a product expands the weight (then torch's matmul); below, the
+    integer kernel runs. Both give the float64 product within the integer path's bound."""
+    disk = _disk(fmt, (96, 256), 64, seed=5)
+    weight = QuantWeight(fmt, (96, 256), 64, "native").load(disk, torch.device("cpu"))
+    kern = native.kernels()
+    calls = []
+    for name in ("dequantize", "int4", "int8"):
+        real = getattr(kern, name)
+        monkeypatch.setattr(kern, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name), _real(*a, **kw))[1])
+    w, moving = _bound_terms(fmt, disk, 64)
+    for m in (native.PREFILL_TOKENS - 1, native.PREFILL_TOKENS):
+        calls.clear()
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
+        y = weight.mm(x)
+        assert calls == (["dequantize"] if m >= native.PREFILL_TOKENS else [fmt])
+        _check(y, x, w, moving)

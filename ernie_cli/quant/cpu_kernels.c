@@ -293,3 +293,63 @@ int ernie_q8_matmul(const int8_t *w, const uint16_t *scales, const int64_t *expe
                     int x_bf16, int64_t x_stride, void *out, int out_bf16, int64_t m_count, int64_t n, int64_t k) {
     return matmul(8, w, scales, NULL, experts, p_count, x, x_bf16, x_stride, out, out_bf16, m_count, n, k, BLOCK);
 }
+
+/* ---- whole rows to floats, for prefill ------------------------------------------------------------
+ *
+ * Many tokens at once make a product compute-bound, and there the float matmul (bf16 on AMX tiles
+ * through oneDNN, where the CPU has them) beats the integer dot products above several times over.
+ * So prefill expands a weight to floats here, then calls torch. Same arithmetic as
+ * formats.dequantize: (q - 8) * s + z (int4) or q * s (int8) in float32, separately rounded (no
+ * FMA, hence fp-contract=off), then to bf16 by round-to-nearest-even where asked. */
+
+static inline void store16(void *out, int bf16, int64_t at, __m512 v) {
+    if (!bf16) {
+        _mm512_storeu_ps((float *)out + at, v);
+        return;
+    }
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    _mm256_storeu_si256((__m256i *)((uint16_t *)out + at), _mm512_cvtepi32_epi16(bits));
+}
+
+__attribute__((optimize("fp-contract=off"))) static void dequant_row4(const uint8_t *w, const uint16_t *s,
+                                                                      const uint16_t *z, int64_t k, int64_t group,
+                                                                      void *out, int out_bf16) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m512 mid = _mm512_set1_ps(8.0f);
+    for (int64_t c = 0; c < k; c += 32) { /* 16 bytes, 32 columns, inside one group (group % 64 == 0) */
+        __m512 sc = _mm512_set1_ps(bf16_to_float(s[c / group])), zc = _mm512_set1_ps(bf16_to_float(z[c / group]));
+        __m128i b = _mm_loadu_si128((const __m128i *)(w + c / 2));
+        __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        __m128i pairs[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)}; /* columns in order */
+        for (int h = 0; h < 2; h++) {
+            __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(pairs[h]));
+            store16(out, out_bf16, c + 16 * h, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(q, mid), sc), zc));
+        }
+    }
+}
+
+static void dequant_row8(const int8_t *w, float s, int64_t k, void *out, int out_bf16) {
+    const __m512 sc = _mm512_set1_ps(s);
+    for (int64_t c = 0; c < k; c += 16) {
+        __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + c))));
+        store16(out, out_bf16, c, _mm512_mul_ps(q, sc));
+    }
+}
+
+/* Expert `expert` of a stack (0 for a plain matrix) -> out [N, K], float32 or bf16. */
+void ernie_dequantize(int bits, const void *w, const uint16_t *scales, const uint16_t *zeros, int64_t expert,
+                      int64_t n, int64_t k, int64_t group, void *out, int out_bf16) {
+    int64_t row_bytes = bits == 4 ? k / 2 : k;
+    int64_t groups = bits == 4 ? k / group : 1;
+#pragma omp parallel for schedule(static) num_threads(team())
+    for (int64_t r = 0; r < n; r++) {
+        int64_t at = expert * n + r;
+        void *o = (char *)out + r * k * (out_bf16 ? 2 : 4);
+        if (bits == 4)
+            dequant_row4((const uint8_t *)w + at * row_bytes, scales + at * groups, zeros + at * groups, k, group, o, out_bf16);
+        else
+            dequant_row8((const int8_t *)w + at * row_bytes, bf16_to_float(scales[at]), k, o, out_bf16);
+    }
+}

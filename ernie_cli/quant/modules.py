@@ -187,6 +187,9 @@ class QuantWeight(nn.Module):
     def mm(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """x [M, in] -> x @ W.T [M, out] (W = expert `expert` of a stack), in x's dtype."""
         if self.backend == "native" and not torch.compiler.is_compiling():  # compiled: the dequant form
+            if x.shape[0] >= native.PREFILL_TOKENS:  # compute-bound: floats and torch's matmul win
+                w = self.native_dequantize(expert, BF16 if x.dtype == BF16 else torch.float32)
+                return F.linear(x.to(w.dtype), w).to(x.dtype)
             return self.native_mm(_native_input(x), expert, out_dtype=x.dtype)[0].to(x.dtype)
         if self.disk_layout:
             if gpu_gemv.usable(x, self.fmt, self.group_size):
@@ -239,6 +242,12 @@ class QuantWeight(nn.Module):
         if self.fmt == "int4":
             return k.int4(q, s, z, x, self.group_size, experts, per_expert_x, out_dtype)
         return k.int8(q, s, x, experts, per_expert_x, out_dtype)
+
+    def native_dequantize(self, expert: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """The weight (expert `expert` of a stack) as float32/bf16 [out, in] in the native kernels'
+        scratch buffer, valid until their next call."""
+        bits = 4 if self.fmt == "int4" else 8
+        return native.kernels().dequantize(bits, self.qweight, self.scales, getattr(self, "zeros", None), self.group_size, expert or 0, dtype)
 
     def dequantize(self, expert=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (of one expert, or of the experts an index tensor names, stacked in its shape)."""

@@ -26,6 +26,9 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"] + os.environ.get("ERNIE_KFLAGS", "").split()
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+# From this many tokens a product expands the weight to floats and calls torch's matmul instead
+# (Kernels.dequantize): measured crossover on the 2-core Xeon with AMX, benchmarks/cpu_prefill_ab.py.
+PREFILL_TOKENS = 32
 BF16 = torch.bfloat16
 BLOCK = 64  # activation block of the kernels: K must be a multiple of it
 MAX_IN_FEATURES = 65536  # MAX_BLOCKS * BLOCK in the C file
@@ -72,6 +75,10 @@ class Kernels:
         self.q8 = lib.ernie_q8_matmul
         self.q8.argtypes = [p, p, p, i64, p, i32, i64, p, i32, i64, i64, i64]
         self.q8.restype = ctypes.c_int
+        self.deq = lib.ernie_dequantize
+        self.deq.argtypes = [i32, p, p, p, i64, i64, i64, i64, p, i32]
+        self.deq.restype = None
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self._set_threads = lib.ernie_set_threads
         self._set_threads.argtypes = [i32]
         self._threads = None
@@ -95,11 +102,30 @@ class Kernels:
                      out.data_ptr(), out.dtype == BF16, m, n, k)
         return self._check(rc, out)
 
-    def _prepare(self, x, n, k, experts, per_expert_x, out_dtype):
+    def dequantize(self, bits, qweight, scales, zeros, group_size, expert, dtype):
+        """Expert `expert` (an int; 0 for a plain matrix) of the disk layout -> float32/bf16 [N, K].
+
+        The result lives in a scratch buffer that the next call overwrites: use it at once. (A fresh
+        buffer per call would page-fault in up to 126 MB each time.)"""
+        self._follow_threads()
+        n = qweight.shape[-2]
+        k = qweight.shape[-1] * (2 if bits == 4 else 1)
+        buf = self._scratch.get(dtype)
+        if buf is None or buf.numel() < n * k:
+            buf = self._scratch[dtype] = torch.empty(n * k, dtype=dtype)
+        out = buf[: n * k].view(n, k)
+        self.deq(bits, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr() if zeros is not None else None, expert,
+                 n, k, group_size, out.data_ptr(), dtype == BF16)
+        return out
+
+    def _follow_threads(self):
         threads = torch.get_num_threads()  # `-t` and torch.set_num_threads govern these kernels too
         if threads != self._threads:
             self._set_threads(threads)
             self._threads = threads
+
+    def _prepare(self, x, n, k, experts, per_expert_x, out_dtype):
+        self._follow_threads()
         assert x.dtype in (torch.float32, BF16) and x.is_contiguous() and x.shape[-1] == k
         assert experts is None or (experts.dtype == torch.int64 and experts.is_contiguous())
         p_count = 1 if experts is None else experts.numel()
