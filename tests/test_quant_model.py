@@ -303,3 +303,24 @@ def test_fused_qkv_of_quantized_weights_equals_the_three(quantized, monkeypatch,
         assert isinstance(fused, QuantLinear) and fused.backend == backend and fused.out_features == rows
         together = model(ids, 0, all_logits=True)
     assert (together - apart).abs().max().item() < 1e-5
+
+
+def test_native_weights_stay_views_of_the_mapped_files(quantized, monkeypatch):
+    """Weights the native kernels read as stored are not copied at load: their storage is the whole
+    mapped file (TensorReader.map), so they cost no memory beside the page cache. Repacked ones
+    (torch's kernels) are copies, and the results agree either way."""
+    _need_native()
+    path = quantized("moe_wide", "int4", 64)
+    sizes = {f.stat().st_size for f in path.glob("*.safetensors")}
+    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "")
+    mapped = load_model(path, "cpu", torch.float32)
+    w = mapped.layers[1].mlp.experts.gate_up_proj
+    assert w.backend == "native" and w.qweight.untyped_storage().nbytes() in sizes
+    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "cpu")
+    copied = load_model(path, "cpu", torch.float32)
+    assert copied.layers[1].mlp.experts.gate_up_proj.packed.untyped_storage().nbytes() not in sizes
+    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant")
+    plain = load_model(path, "cpu", torch.float32)
+    ids = _ids(1, 8, seed=9)
+    with torch.no_grad():
+        assert _kl(plain(ids, 0, all_logits=True), mapped(ids, 0, all_logits=True)).mean() < 3e-3

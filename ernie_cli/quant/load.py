@@ -9,6 +9,7 @@ block of float32 being worked on.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ from ernie_cli.quant import formats
 from ernie_cli.quant.convert import quantize_param, read_whole
 from ernie_cli.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, QuantWeight, choose_backend
 from ernie_cli.quant.spec import QuantSpec
+
+
+MAP_FILES = os.environ.get("ERNIE_MMAP", "1") != "0"  # 0: copy every tensor out of the files (for comparison)
 
 
 def _is_fp32(name: str) -> bool:
@@ -155,7 +159,12 @@ def load_quantized(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtyp
                     _set_param(model, name, value.to(device=device, dtype=target))
                     done += value.nbytes
                 else:
-                    tensors = {s: reader.read(f"{name}.{s}") for s in formats.quantized_shapes(fmt, shape, spec.group_size)}
+                    # The native CPU kernels read the file layout, at any alignment: their weights stay
+                    # views of the mapped files (TensorReader.map). torch's int kernels want their own
+                    # aligned, repacked copies, and other devices a copy anyway.
+                    in_place = MAP_FILES and choose_backend(fmt, spec.group_size, device, shape[-1]) == "native"
+                    get = reader.map if in_place else reader.read
+                    tensors = {s: get(f"{name}.{s}") for s in formats.quantized_shapes(fmt, shape, spec.group_size)}
                     install(model, name, fmt, tensors, shape, spec.group_size, device, dtype)
                     done += sum(t.nbytes for t in tensors.values())
                     del tensors
