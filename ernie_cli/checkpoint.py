@@ -110,7 +110,7 @@ class TensorReader:
     def __init__(self, ckpt: "Checkpoint"):
         self.tensors = ckpt.tensors
         self._fds: dict[Path, int] = {}
-        self._maps: dict[Path, torch.Tensor] = {}
+        self._maps: dict[Path, torch.Tensor | bool] = {}  # False: the file could not be mapped
         self._lock = threading.Lock()
 
     def map(self, name: str) -> torch.Tensor:
@@ -124,7 +124,13 @@ class TensorReader:
         with self._lock:
             whole = self._maps.get(info.file)
             if whole is None:
-                whole = self._maps[info.file] = torch.from_file(str(info.file), shared=False, size=info.file.stat().st_size, dtype=torch.uint8)
+                try:
+                    whole = torch.from_file(str(info.file), shared=False, size=info.file.stat().st_size, dtype=torch.uint8)
+                except (RuntimeError, OSError):  # a file system that cannot map: read it instead
+                    whole = False
+                self._maps[info.file] = whole
+        if whole is False:
+            return self.read(name)
         return whole[info.offset : info.offset + info.nbytes].view(info.dtype).view(list(info.shape))
 
     def _fd(self, path: Path) -> int:

@@ -40,7 +40,9 @@ class Decoder:
         if compile:
             _compile_settings()
             model.fuse_projections()  # fewer launches in the graph; eager steps use the same modules
-            self.step = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+            # CUDA: the step as one CUDA graph; the CPU has none, and there compiling fuses the small ops.
+            mode = "reduce-overhead" if model.device.type == "cuda" else "default"
+            self.step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
             self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
 
     def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:

@@ -324,3 +324,45 @@ def test_native_weights_stay_views_of_the_mapped_files(quantized, monkeypatch):
     ids = _ids(1, 8, seed=9)
     with torch.no_grad():
         assert _kl(plain(ids, 0, all_logits=True), mapped(ids, 0, all_logits=True)).mean() < 3e-3
+
+
+def test_compiled_cpu_decode_keeps_the_native_kernels(quantized, monkeypatch):
+    """`--compile on` on the CPU: the native kernels stay in the compiled step as one operator each
+    (native.int_matmul), instead of the slow dequantize-and-reduce form, and decode the same."""
+    _need_native()
+    from ernie_cli.generate import Decoder
+    from ernie_cli.quant import native
+
+    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "")
+    model = load_model(quantized("moe_wide", "int4", 64), "cpu", torch.float32)
+    ids = _ids(1, 12, seed=3)
+    calls = []
+    real = native.kernels().int4
+    monkeypatch.setattr(native.kernels(), "int4", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    with torch.no_grad():
+        model.setup_cache(1, 16)
+        model(ids[:, :4], 0)
+        eager = [model(ids[:, p : p + 1], p)[:, -1] for p in range(4, 12)]
+        compiled = Decoder(model, compile=True)
+        calls.clear()
+        steps = [compiled(ids[:, p : p + 1], p) for p in range(4, 12)]
+    assert len(calls) >= 8 * 4  # every layer's int4 products went through the native kernel
+    kl = torch.stack([_kl(a, b) for a, b in zip(eager, steps)])
+    assert kl.max() < 1e-3  # int8 activation rounding may flip where Inductor's norms round differently
+
+
+def test_a_file_that_cannot_be_mapped_is_read(quantized, monkeypatch):
+    """Where mapping fails (some network file systems), loading reads the tensors instead."""
+    _need_native()
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("mmap failed")
+
+    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "")
+    monkeypatch.setattr(torch, "from_file", refuse)
+    path = quantized("moe_wide", "int4", 64)
+    model = load_model(path, "cpu", torch.float32)
+    w = model.layers[1].mlp.experts.gate_up_proj.qweight
+    assert w.untyped_storage().nbytes() == w.numel()  # its own buffer
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(1, 4), 0)).all()

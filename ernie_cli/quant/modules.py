@@ -186,8 +186,8 @@ class QuantWeight(nn.Module):
 
     def mm(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """x [M, in] -> x @ W.T [M, out] (W = expert `expert` of a stack), in x's dtype."""
-        if self.backend == "native" and not torch.compiler.is_compiling():  # compiled: the dequant form
-            if x.shape[0] >= native.PREFILL_TOKENS:  # compute-bound: floats and torch's matmul win
+        if self.backend == "native":
+            if x.shape[0] >= native.PREFILL_TOKENS and not torch.compiler.is_compiling():  # compute-bound: floats and torch's matmul win
                 w = self.native_dequantize(expert, BF16 if x.dtype == BF16 else torch.float32)
                 return F.linear(x.to(w.dtype), w).to(x.dtype)
             return self.native_mm(_native_input(x), expert, out_dtype=x.dtype)[0].to(x.dtype)
@@ -237,8 +237,11 @@ class QuantWeight(nn.Module):
         (an int, an index tensor, or None for an unstacked weight); per_expert_x: x is [P, M, in].
         Output in out_dtype where it is float32 or bf16, else float32."""
         out_dtype = out_dtype if out_dtype in (torch.float32, BF16) else torch.float32
-        k = native.kernels()
         q, s, z, experts = self._disk_tensors(experts)
+        if torch.compiler.is_compiling():  # the same kernels, as one opaque operator in the graph
+            bits = 4 if self.fmt == "int4" else 8
+            return torch.ops.ernie.int_matmul(bits, q, s, z, x, self.group_size, experts, per_expert_x, out_dtype == BF16)
+        k = native.kernels()
         if self.fmt == "int4":
             return k.int4(q, s, z, x, self.group_size, experts, per_expert_x, out_dtype)
         return k.int8(q, s, x, experts, per_expert_x, out_dtype)
@@ -333,10 +336,10 @@ class QuantExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 1:
             backends = {self.gate_up_proj.backend, self.down_proj.backend}
-            if torch.compiler.is_compiling():
-                return self.gathered(x, weights, idx) if "cpu" not in backends else self.selected_traced(x, weights, idx)
             if backends == {"native"}:
                 return self.selected_native(x, weights, idx)
+            if torch.compiler.is_compiling():
+                return self.gathered(x, weights, idx) if "cpu" not in backends else self.selected_traced(x, weights, idx)
             if "dequant" not in backends:
                 return self.selected(x, weights, idx)
             return self.gathered(x, weights, idx)

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -162,3 +163,25 @@ def kernels() -> Kernels | None:
         return Kernels(ctypes.CDLL(str(target)))
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# ---- as a torch operator, for torch.compile ---------------------------------------------------------
+# A ctypes call is opaque to Dynamo; registered as an operator with a shape-only ("fake") version, it
+# stays one call in a compiled decode step while Inductor fuses the small ops around it.
+
+
+@torch.library.custom_op("ernie::int_matmul", mutates_args=())
+def int_matmul(bits: int, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor], x: torch.Tensor,
+               group_size: int, experts: Optional[torch.Tensor], per_expert_x: bool, out_bf16: bool) -> torch.Tensor:
+    """Kernels.int4 (bits 4) or Kernels.int8 (bits 8), output bf16 or float32."""
+    out_dtype = BF16 if out_bf16 else torch.float32
+    x, experts = x.contiguous(), None if experts is None else experts.contiguous()  # compiled callers may pass views
+    if bits == 4:
+        return kernels().int4(qweight, scales, zeros, x, group_size, experts, per_expert_x, out_dtype)
+    return kernels().int8(qweight, scales, x, experts, per_expert_x, out_dtype)
+
+
+@int_matmul.register_fake
+def _(bits, qweight, scales, zeros, x, group_size, experts, per_expert_x, out_bf16):
+    p_count = 1 if experts is None else experts.numel()
+    return x.new_empty((p_count, x.shape[-2], qweight.shape[-2]), dtype=BF16 if out_bf16 else torch.float32)
