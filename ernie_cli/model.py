@@ -41,17 +41,23 @@ class RMSNorm(nn.Module):
 # ---- linear layers ---------------------------------------------------------------------------------
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except that one token on CUDA goes through gpu_gemv's kernel: inside the decode
+    graph on the H200, cuBLAS's GEMV kernels read the 2.6–31 MB matrices of a layer at about 1.9 TB/s
+    and the tied head at 4.1, the Triton kernel at 2.3–3.9 and 4.4 (benchmarks/gpu_gemv_bench.py,
+    gpu_profile.py)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if not gpu_gemv.usable(flat):
+        return F.linear(x, weight, bias)
+    y = gpu_gemv.gemv("float", flat[0], weight).view(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose one-token product on CUDA is gpu_gemv's kernel: inside the decode graph on
-    the H200, cuBLAS's GEMV kernels read these 2.6–31 MB matrices at about 1.9 TB/s, the Triton
-    kernel at 2.3–3.9 TB/s (benchmarks/gpu_gemv_bench.py, gpu_profile.py)."""
+    """nn.Linear through `linear` above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if not gpu_gemv.usable(flat):
-            return F.linear(x, self.weight, self.bias)
-        y = gpu_gemv.gemv("float", flat[0], self.weight).view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
+        return linear(x, self.weight, self.bias)
 
 
 def concatenate_linears(parts: list[nn.Module]) -> nn.Module | None:
@@ -404,12 +410,7 @@ class ErnieForCausalLM(nn.Module):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states -> logits. Quantized head modules (ernie_cli.quant) bring their own `project`."""
         project = getattr(self.embed_tokens if self.lm_head is None else self.lm_head, "project", None)
-        if project is not None:
-            return project(x)
-        flat = x.reshape(-1, x.shape[-1])
-        if gpu_gemv.usable(flat):  # the tied head too: 4.4 TB/s against cuBLAS's 4.1 (H200)
-            return gpu_gemv.gemv("float", flat[0], self.head_weight()).view(*x.shape[:-1], -1)
-        return F.linear(x, self.head_weight())
+        return project(x) if project is not None else linear(x, self.head_weight())
 
     def fuse_projections(self) -> None:
         """Fewer, larger matrices for the decode graph (see Attention.fuse_qkv)."""

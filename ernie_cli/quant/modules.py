@@ -9,7 +9,9 @@ Three backends:
 - "native": x86 CPUs with AVX-512 VNNI: the kernels of cpu_kernels.c (see native.py), which read the
   disk layout as it is and quantize the activations to int8 per block of 64, like llama.cpp's
   Q8_0 activations. About 1.5x the bandwidth of torch's kernels at batch 1, no repacking at load;
-  the selected experts of a token are one call. The default where it builds.
+  the selected experts of a token are one call. The default where it builds. Prefill (from
+  native.PREFILL_TOKENS tokens in one product) expands the weight to floats in C instead and uses
+  torch's matmul (AMX where the CPU has it): there the work is arithmetic, not reading.
 - "cpu": torch's weight-only kernels, fed bfloat16 activations (float32 activations make the int8
   kernel ten times slower on this CPU; see ../shared/docs/performance-facts.md §1.3) and cast back
   to the model's dtype. int8: `_weight_int8pack_mm` (needs K % 16 == 0: the weight is padded with
@@ -187,7 +189,8 @@ class QuantWeight(nn.Module):
     def mm(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         """x [M, in] -> x @ W.T [M, out] (W = expert `expert` of a stack), in x's dtype."""
         if self.backend == "native":
-            if x.shape[0] >= native.PREFILL_TOKENS and not torch.compiler.is_compiling():  # compute-bound: floats and torch's matmul win
+            # From PREFILL_TOKENS tokens the product is compute-bound: floats and torch's matmul win.
+            if x.shape[0] >= native.PREFILL_TOKENS and not torch.compiler.is_compiling():
                 w = self.native_dequantize(expert, BF16 if x.dtype == BF16 else torch.float32)
                 return F.linear(x.to(w.dtype), w).to(x.dtype)
             return self.native_mm(_native_input(x), expert, out_dtype=x.dtype)[0].to(x.dtype)
