@@ -28,7 +28,7 @@ SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"] + os.environ.get("ERNIE_KFLAGS", "").split()
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 # From this many tokens a product expands the weight to floats and calls torch's matmul instead
-# (Kernels.dequantize): measured crossover on the 2-core Xeon with AMX, benchmarks/cpu_prefill_ab.py.
+# (Kernels.dequantize): the measured crossover on the 2-core Xeon with AMX (benchmarks/cpu_prefill_kernels.py).
 PREFILL_TOKENS = 32
 BF16 = torch.bfloat16
 BLOCK = 64  # activation block of the kernels: K must be a multiple of it
