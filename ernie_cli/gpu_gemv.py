@@ -25,7 +25,7 @@ try:  # Triton comes with CUDA builds of torch; CPU-only installs never call thi
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
+    triton = tl = None
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (bf16, fp16, fp32)
 ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant

@@ -14,12 +14,7 @@ from __future__ import annotations
 import torch
 
 from ernie_cli import gpu_gemv
-
-try:  # as in gpu_gemv: CPU-only installs never call this module
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from ernie_cli.gpu_gemv import tl, triton
 
 
 def usable(logits: torch.Tensor) -> bool:

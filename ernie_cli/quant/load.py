@@ -71,10 +71,11 @@ def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def install(
     model: ErnieForCausalLM, name: str, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...],
-    group_size: int, device: torch.device, dtype: torch.dtype,
+    group_size: int, device: torch.device, dtype: torch.dtype, backend: str | None = None,
 ) -> None:
-    """Put the quantized weight `name` (disk layout) into the model as its runtime module."""
-    backend = choose_backend(fmt, group_size, device, shape[-1])
+    """Put the quantized weight `name` (disk layout) into the model as its runtime module (on
+    `backend`, by default the one choose_backend picks)."""
+    backend = backend or choose_backend(fmt, group_size, device, shape[-1])
     if name == "embed_tokens.weight":
         if fmt != "int8":
             raise ErnieError("the embedding can only be stored as int8; re-create the checkpoint with `ernie quantize`.")
@@ -162,10 +163,10 @@ def load_quantized(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtyp
                     # The native CPU kernels read the file layout, at any alignment: their weights stay
                     # views of the mapped files (TensorReader.map). torch's int kernels want their own
                     # aligned, repacked copies, and other devices a copy anyway.
-                    in_place = MAP_FILES and choose_backend(fmt, spec.group_size, device, shape[-1]) == "native"
-                    get = reader.map if in_place else reader.read
+                    backend = choose_backend(fmt, spec.group_size, device, shape[-1])
+                    get = reader.map if MAP_FILES and backend == "native" else reader.read
                     tensors = {s: get(f"{name}.{s}") for s in formats.quantized_shapes(fmt, shape, spec.group_size)}
-                    install(model, name, fmt, tensors, shape, spec.group_size, device, dtype)
+                    install(model, name, fmt, tensors, shape, spec.group_size, device, dtype, backend)
                     done += sum(t.nbytes for t in tensors.values())
                     del tensors
                 if progress:
