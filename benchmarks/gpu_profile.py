@@ -26,6 +26,7 @@ from ernie_cli.loader import quantize_model, random_model
 
 KINDS = (  # first match wins
     ("Triton GEMV (gpu_gemv)", ("_gemv",)),
+    ("Triton norm, RoPE, router, dequantize", ("_rms_norm", "_rope", "_route", "_dequantize")),
     ("cuBLAS GEMV/GEMM", ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "splitkreduce")),
     ("attention (SDPA)", ("flash", "fmha", "attention", "efficient")),
     ("Inductor fused ops", ("triton_",)),

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernie_cli import gpu_gemv, gpu_router
+from ernie_cli import gpu_elementwise, gpu_gemv, gpu_router
 from ernie_cli.config import ErnieConfig
 
 
@@ -33,6 +33,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if gpu_elementwise.usable(x):
+            return gpu_elementwise.rms_norm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)  # weight applied after the cast back, as transformers does
@@ -164,10 +166,14 @@ class Attention(nn.Module):
         """start: the first position, as an int (eager), or a one-element device tensor (decode graph)."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if b == 1 and gpu_elementwise.usable(x):  # one kernel per tensor instead of eight
+            q = gpu_elementwise.rope(q[0], cos, sin)[None].transpose(1, 2)
+            k = gpu_elementwise.rope(k[0], cos, sin)[None].transpose(1, 2)
+        else:
+            q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         if isinstance(start, torch.Tensor):
             k, v = self.cache.write_at(start, k, v)
             # Static shapes for the CUDA graph: attend over the whole buffer, masking unfilled slots.
@@ -245,7 +251,7 @@ class Experts(nn.Module):
         on_cpu = x.device.type == "cpu"
         if x.shape[0] == 1 and (not on_cpu or torch.compiler.is_compiling()):
             return self.gathered(x, weights, idx)
-        if not on_cpu and x.dtype == torch.bfloat16 and _GROUPED_MM is not None:
+        if not on_cpu and x.dtype == torch.bfloat16 and GROUPED_MM is not None:
             return self.grouped_mm(x, weights, idx)
         return self.grouped(x, weights, idx)
 
@@ -272,16 +278,7 @@ class Experts(nn.Module):
         return (y * weights[..., None]).sum(1)
 
     def grouped_mm(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Prefill on the GPU: all experts in two grouped GEMMs over expert-sorted tokens, no host sync."""
-        k = idx.shape[1]
-        flat = idx.flatten()
-        order = torch.argsort(flat, stable=True)
-        offsets = torch.cumsum(torch.bincount(flat, minlength=self.gate_up_proj.shape[0]), 0).to(torch.int32)
-        tokens = order // k
-        gate, up = _GROUPED_MM(x[tokens], self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        y = _GROUPED_MM(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
-        y = y * weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, tokens, y)
+        return run_grouped_mm(x, weights, idx, self.gate_up_proj, self.down_proj)
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
@@ -319,7 +316,25 @@ def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate
     return (y * weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
 
 
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def run_grouped_mm(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Prefill on the GPU: all experts in two grouped GEMMs over expert-sorted tokens.
+
+    No host sync, so Python can queue the next layers while the GPU works: each group's end offset
+    is found by searching the sorted expert ids, where torch.bincount would read its maximum back to
+    the host once a layer. The k outputs of a token are put back in slot order and weighed by one
+    batched product (float32 sums, one rounding), not added with atomics into a zeroed output.
+    gate_up [E, 2I, H], down [E, H, I]."""
+    t, k = idx.shape
+    experts, order = torch.sort(idx.flatten(), stable=True)
+    ids = torch.arange(gate_up.shape[0], device=x.device, dtype=experts.dtype)
+    offsets = torch.searchsorted(experts, ids, right=True, out_int32=True)
+    gate, up = GROUPED_MM(x[order // k], gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    y = GROUPED_MM(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)
+    by_slot = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
+    return torch.bmm(weights.to(y.dtype).view(t, 1, k), by_slot).view(t, -1)
 
 
 class MoE(nn.Module):

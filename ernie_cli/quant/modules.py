@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernie_cli import gpu_gemv
-from ernie_cli.model import run_grouped, run_selected
+from ernie_cli import gpu_dequant, gpu_gemv
+from ernie_cli.model import GROUPED_MM, run_grouped, run_grouped_mm, run_selected
 from ernie_cli.quant import formats, native
 
 BF16 = torch.bfloat16
@@ -201,6 +201,8 @@ class QuantWeight(nn.Module):
                 # Decode: a multiply-and-sum lets Inductor fuse the dequantization into the reduction,
                 # so only the int8/int4 bytes are read; F.linear would first write a bf16 copy.
                 return (self.dequantize(expert, x.dtype) * x[:, None, :]).sum(-1)
+            if gpu_dequant.usable(x):  # many tokens on CUDA: one pass to floats, then the tensor cores
+                return F.linear(x, self.gpu_dequantize(expert, x.dtype))
             if self.fmt == "int8":
                 q = self.qweight if expert is None else self.qweight[expert]
                 s = self.scales if expert is None else self.scales[expert]
@@ -248,6 +250,12 @@ class QuantWeight(nn.Module):
         if self.fmt == "int4":
             return k.int4(q, s, z, x, self.group_size, experts, per_expert_x, out_dtype)
         return k.int8(q, s, x, experts, per_expert_x, out_dtype)
+
+    def gpu_dequantize(self, expert: int | None, dtype: torch.dtype, slot: str = "") -> torch.Tensor:
+        """The weight (expert `expert` of a stack, or the whole stack) as floats in gpu_dequant's
+        scratch buffer for (slot, shape), valid until its next use."""
+        q, s, z, _ = self._disk_tensors(expert)
+        return gpu_dequant.dequantize(self.fmt, q, s, z, self.group_size, self.in_features, dtype, slot)
 
     def native_dequantize(self, expert: int | None, dtype: torch.dtype) -> torch.Tensor:
         """The weight (expert `expert` of a stack) as float32/bf16 [out, in] in the native kernels'
@@ -396,7 +404,12 @@ class QuantExperts(nn.Module):
         return (y * weights[..., None]).sum(1)
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Many tokens: grouped by expert, one (int kernel) GEMM per expert, like model.Experts.grouped."""
+        """Many tokens: on CUDA in bf16, every expert expanded to floats and the two grouped GEMMs of
+        model.Experts; elsewhere grouped by expert, one (int kernel) GEMM per expert."""
+        gu, down = self.gate_up_proj, self.down_proj
+        if x.dtype == BF16 and GROUPED_MM is not None and gpu_dequant.usable(x) and {gu.backend, down.backend} == {"dequant"}:
+            w1, w2 = gu.gpu_dequantize(None, BF16, "experts"), down.gpu_dequantize(None, BF16, "experts")
+            return run_grouped_mm(x, weights, idx, w1, w2)
         return run_grouped(self._expert, self.gate_up_proj.shape[0], x, weights, idx)
 
 

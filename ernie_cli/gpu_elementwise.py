@@ -1,0 +1,79 @@
+"""RMSNorm and the interleaved RoPE as one Triton kernel each, for eager steps on CUDA (prefill, and
+decode with --compile off).
+
+Why: written in torch, RMSNorm is eight kernels and RoPE eight per tensor, about 32 of the ~80
+launches of a layer's eager forward. A 512-token prefill of the full model is then bound by
+Python queueing kernels, not by the GPU. In a compiled step Inductor fuses them itself, so these
+kernels are for eager code only.
+
+Same arithmetic as model.RMSNorm and model.apply_rope: float32 math, rounded to the activation dtype
+where torch rounds. RoPE keeps torch's three roundings (two products, one sum): the launch turns
+off fused multiply-add, which would round once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ernie_cli import gpu_gemv
+from ernie_cli.gpu_gemv import tl, triton
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Eager CUDA code with Triton, unless ERNIE_TRITON=0."""
+    return triton is not None and x.is_cuda and gpu_gemv.ENABLED and not torch.compiler.is_compiling()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < H
+        x = tl.load(x_ptr + row * H + cols, mask=ok, other=0.0)
+        h = x.to(tl.float32)
+        h = h * tl.math.rsqrt(tl.sum(h * h, 0) / H + eps)
+        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
+        y = h.to(x_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)  # weight after the cast back
+        tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, x_token_stride, x_head_stride, D: tl.constexpr, BLOCK_H: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        j = tl.arange(0, D // 2)
+        ok = (h < heads)[:, None]
+        src = x_ptr + t * x_token_stride + h[:, None] * x_head_stride + 2 * j[None, :]
+        even = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+        odd = tl.load(src + 1, mask=ok, other=0.0).to(tl.float32)
+        c_even = tl.load(cos_ptr + t * D + 2 * j)[None, :]
+        c_odd = tl.load(cos_ptr + t * D + 2 * j + 1)[None, :]
+        s_even = tl.load(sin_ptr + t * D + 2 * j)[None, :]
+        s_odd = tl.load(sin_ptr + t * D + 2 * j + 1)[None, :]
+        dst = out_ptr + (t * heads + h[:, None]) * D + 2 * j[None, :]
+        kind = out_ptr.dtype.element_ty
+        tl.store(dst, (even * c_even + (-odd) * s_even).to(kind), mask=ok)
+        tl.store(dst + 1, (odd * c_odd + even * s_odd).to(kind), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model.RMSNorm's forward: x [..., H] -> [..., H] in the dtype torch would give (weight · x)."""
+    h = x.shape[-1]
+    rows = x.reshape(-1, h).contiguous()
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    _rms_norm[(rows.shape[0],)](rows, weight, out, h, eps, BLOCK=triton.next_power_of_2(h))
+    return out.view(x.shape)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """model.apply_rope on x [T, heads, D] (any token and head strides, unit stride inside a head),
+    for batch 1 -> a new contiguous [T, heads, D]; cos/sin float32 [T, D], interleaved."""
+    t, heads, d = x.shape
+    assert x.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    out = torch.empty((t, heads, d), dtype=x.dtype, device=x.device)
+    block_h = min(triton.next_power_of_2(heads), 16)
+    _rope[(t, triton.cdiv(heads, block_h))](
+        x, cos, sin, out, heads, x.stride(0), x.stride(1), D=d, BLOCK_H=block_h, enable_fp_fusion=False,
+    )
+    return out

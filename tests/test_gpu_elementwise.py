@@ -1,0 +1,62 @@
+"""The eager-prefill Triton kernels (gpu_elementwise, gpu_dequant) against the torch arithmetic they
+replace. Skipped without CUDA and Triton; run on the GPU machine.
+
+RoPE and the int8/int4 expansion do the same float32 operations in the same order as the torch code
+(fused multiply-add off), so they must agree to the bit. RMSNorm's sum of squares is reduced in a
+different order and its rsqrt is the GPU's approximate one, so its float32 result may differ in the
+last bits, and a bf16 result by one rounding step where the float32 value sits near a tie.
+"""
+
+import pytest
+import torch
+
+from ernie_cli import gpu_dequant, gpu_elementwise, gpu_gemv
+from ernie_cli.model import RMSNorm, apply_rope, rope_table
+from ernie_cli.quant import formats
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_gemv.triton is not None), reason="needs a CUDA GPU and Triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(0)
+    norm = RMSNorm(2560, 1e-5).to(dtype).cuda()
+    norm.weight.data = (1 + 0.1 * torch.randn(2560, generator=gen)).to(dtype).cuda()
+    x = (3 * torch.randn(37, 2560, generator=gen)).to(dtype).cuda()
+    y = gpu_elementwise.rms_norm(x, norm.weight, 1e-5)
+    with torch.inference_mode():
+        h = x.float()
+        ref = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert y.dtype == ref.dtype
+    diff = (y.float() - ref.float()).abs()
+    if dtype == torch.float32:
+        assert (diff <= 4e-7 * ref.abs()).all()
+    else:  # at most one bf16 step (2^-7 relative) on a small share of the elements
+        assert (diff <= 2.0**-7 * ref.float().abs()).all()
+        assert (diff > 0).float().mean().item() < 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kernel_is_bit_exact(dtype):
+    gen = torch.Generator().manual_seed(1)
+    cos, sin = rope_table(128, 500000.0, 300, "cuda")
+    qkv = torch.randn(9, 20 * 128 + 2 * 4 * 128, generator=gen).to(dtype).cuda()  # q, k as strided views
+    c, s = cos[250:259], sin[250:259]
+    for lo, heads in ((0, 20), (2560, 4)):
+        x = qkv[:, lo : lo + heads * 128].view(9, heads, 128)
+        got = gpu_elementwise.rope(x, c, s)
+        ref = apply_rope(x.transpose(0, 1), c, s).transpose(0, 1)
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("fmt, group, k", [("int8", 0, 384), ("int4", 64, 384), ("int4", 32, 200), ("int4", 128, 320)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_kernel_is_bit_exact(fmt, group, k, dtype):
+    w = 0.02 * torch.randn(3, 70, k, generator=torch.Generator().manual_seed(2))
+    disk = formats.quantize(fmt, w, group or 64)
+    ref = formats.dequantize(fmt, disk, group or 64, dtype)
+    cuda = {key: v.cuda() for key, v in disk.items()}
+    got = gpu_dequant.dequantize(fmt, cuda["qweight"], cuda["scales"], cuda.get("zeros"), group or 64, k, dtype)
+    assert torch.equal(got.cpu(), ref)
+    one = gpu_dequant.dequantize(fmt, cuda["qweight"][1], cuda["scales"][1], cuda.get("zeros", [None, None])[1], group or 64, k, dtype)
+    assert torch.equal(one.cpu(), ref[1])
