@@ -40,20 +40,20 @@ if triton is not None:
             q = tl.load(q_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0).to(tl.float32)
             s = tl.load(s_ptr + rows, mask=rows < R, other=0.0).to(tl.float32)
             tl.store(out_ptr + rows[:, None] * K + cols[None, :], (q * s[:, None]).to(kind), mask=ok)
-        else:
-            half = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # byte j: columns 2j, 2j+1
+        else:  # a row's bytes hold columns 2j (low nibble) and 2j+1; BLOCK_K is a multiple of GROUP
+            NG: tl.constexpr = BLOCK_K // GROUP
+            half = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
             ok = row_ok & (half < K // 2)[None, :]
             packed = tl.load(q_ptr + rows[:, None] * (K // 2) + half[None, :], mask=ok, other=0).to(tl.int32)
-            g = (2 * half) // GROUP
-            sz_off = rows[:, None] * groups + g[None, :]
-            s = tl.load(s_ptr + sz_off, mask=ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz_off, mask=ok, other=0.0).to(tl.float32)
-            lo = ((packed & 0xF).to(tl.float32) - 8.0) * s + z
-            hi = ((packed >> 4).to(tl.float32) - 8.0) * s + z
-            cols = 2 * half
-            base = out_ptr + rows[:, None] * K + cols[None, :]
-            tl.store(base, lo.to(kind), mask=ok)
-            tl.store(base + 1, hi.to(kind), mask=ok)
+            g = tl.program_id(1) * NG + tl.arange(0, NG)
+            g_ok = row_ok & (g < groups)[None, :]
+            s = tl.load(s_ptr + rows[:, None] * groups + g[None, :], mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+            z = tl.load(z_ptr + rows[:, None] * groups + g[None, :], mask=g_ok, other=0.0).to(tl.float32)[:, :, None]
+            lo = tl.reshape((packed & 0xF).to(tl.float32) - 8.0, (BLOCK_R, NG, GROUP // 2)) * s + z
+            hi = tl.reshape((packed >> 4).to(tl.float32) - 8.0, (BLOCK_R, NG, GROUP // 2)) * s + z
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_R, BLOCK_K))  # interleaved back: 2j, 2j+1
+            cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+            tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(kind), mask=row_ok & (cols < K)[None, :])
 
 
 def dequantize(fmt: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
