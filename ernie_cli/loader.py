@@ -172,7 +172,8 @@ def _load_quantized(model_dir, cfg, device, dtype, progress, reserve_bytes, quan
     spec = QuantSpec.make(quantize, group_size, keep_embeddings)
     ckpt = Checkpoint(model_dir)
     params = plan(cfg, ckpt)
-    check_fits(qload.model_bytes(cfg, spec, dtype) + reserve_bytes, device, f"{model_dir.name} quantized to {quantize}")
+    need = qload.model_bytes(cfg, spec, dtype) + qload.prefill_scratch_bytes(cfg, spec, dtype, device)
+    check_fits(need + reserve_bytes, device, f"{model_dir.name} quantized to {quantize}")
     return qload.load_quantizing(model_dir, cfg, ckpt, params, spec, device, dtype, progress)
 
 

@@ -210,6 +210,28 @@ def test_memory_estimate_uses_quantized_sizes(checkpoints, quantized, monkeypatc
         load_model(quantized("moe", "int4", 64), "cpu", torch.bfloat16)
 
 
+def test_cuda_estimate_adds_the_prefill_scratch_buffers(checkpoints):
+    """Counted by hand for the tiny MoE (hidden 64, 4 heads and 2 kv heads of 16, 8 experts of 24,
+    2 shared, dense layer 160): every distinct quantized shape once, in bf16 bytes."""
+    from ernie_cli.config import load_config
+    from ernie_cli.quant.load import prefill_scratch_bytes
+
+    src, _ = checkpoints("moe")
+    cfg = load_config(src)
+    spec = QuantSpec.make("int4", 32)
+    shapes = [
+        (64, 64),  # q_proj and o_proj
+        (32, 64),  # k_proj and v_proj
+        (128, 64),  # q, k, v merged for the decode graph
+        (320, 64), (64, 160),  # dense layer: gate_up, down
+        (8, 48, 64), (8, 64, 24),  # routed experts: gate_up, down
+        (96, 64), (64, 48),  # two shared experts: gate_up, down
+    ]
+    want = sum(torch.Size(s).numel() for s in shapes) * 2
+    assert prefill_scratch_bytes(cfg, spec, torch.bfloat16, torch.device("cuda")) == want
+    assert prefill_scratch_bytes(cfg, spec, torch.bfloat16, torch.device("cpu")) == 0
+
+
 def test_generate_runs_on_a_quantized_model(quantized):
     from ernie_cli.generate import generate
     from ernie_cli.sampling import Sampler, SamplingParams

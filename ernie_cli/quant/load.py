@@ -9,6 +9,8 @@ block of float32 being worked on.
 
 from __future__ import annotations
 
+import math
+
 import os
 from pathlib import Path
 
@@ -53,6 +55,24 @@ def model_bytes(cfg: ErnieConfig, spec: QuantSpec, dtype: torch.dtype) -> int:
                 n *= s
             total += n * (4 if _is_fp32(name) else size)
     return total
+
+
+def prefill_scratch_bytes(cfg: ErnieConfig, spec: QuantSpec, dtype: torch.dtype, device: torch.device) -> int:
+    """Memory a CUDA prefill needs beyond the weights: gpu_dequant expands each quantized weight to
+    floats in a buffer kept per shape, the largest being one layer's routed experts (1.5 GB in bf16
+    for the 21B). q/k/v merged for the decode graph add one shape. Nothing on other devices, where
+    the expanded weights are temporaries or do not exist."""
+    if device.type != "cuda":
+        return 0
+    shapes = {
+        shape for name, shape in model_params(cfg)
+        if spec.format_of(name) is not None and not name.startswith(("embed_tokens.", "lm_head."))  # the head sees one token
+    }
+    if spec.format_of("layers.0.self_attn.q_proj.weight") is not None:
+        kv = cfg.num_key_value_heads * cfg.head_dim
+        shapes.add((cfg.num_attention_heads * cfg.head_dim + 2 * kv, cfg.hidden_size))
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(math.prod(shape) for shape in shapes) * size
 
 
 # ---- putting modules in place --------------------------------------------------------------------
@@ -145,7 +165,7 @@ def load_quantized(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtyp
     expected = expected_tensors(cfg, spec)
     _validate(ckpt, expected)
     if check_fits:
-        check_fits(model_bytes(cfg, spec, dtype))
+        check_fits(model_bytes(cfg, spec, dtype) + prefill_scratch_bytes(cfg, spec, dtype, device))
     with torch.device("meta"):
         model = ErnieForCausalLM(cfg)
     reader = TensorReader(ckpt)
