@@ -8,9 +8,13 @@ Two shapes of work, two expert paths:
 - decode (one token): the selected experts' weights are gathered by index; no host sync, no
   data-dependent shape, no Python loop over experts, so the step can be captured in one CUDA graph.
 - prefill (many tokens): tokens are grouped by expert and each expert runs one GEMM over its tokens,
-  in ascending expert order like transformers' eager loop.
+  in ascending expert order like transformers' eager loop; on the GPU in bf16, all experts in two
+  grouped GEMMs without a host sync (run_grouped_mm).
 On the CPU the decode step uses the grouped path too: without a graph to capture, touching the
 k selected experts through views beats copying their weights out first.
+
+Eager CUDA steps (prefill) also take RMSNorm and RoPE from gpu_elementwise: one Triton kernel each
+instead of eight torch kernels, because there Python queueing kernels is the bottleneck.
 """
 
 from __future__ import annotations
