@@ -75,8 +75,3 @@ def dequantize(fmt: str, qweight: torch.Tensor, scales: torch.Tensor, zeros: tor
         BLOCK_R=block_r, BLOCK_K=block_k, enable_fp_fusion=False,
     )
     return out
-
-
-def release() -> None:
-    """Free the scratch buffers (they are re-made on the next call)."""
-    _scratch.clear()
