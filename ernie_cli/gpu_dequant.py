@@ -21,9 +21,7 @@ from ernie_cli.gpu_gemv import tl, triton
 _scratch: dict[tuple, torch.Tensor] = {}
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Eager CUDA code with Triton, unless ERNIE_TRITON=0."""
-    return triton is not None and x.is_cuda and gpu_gemv.ENABLED and not torch.compiler.is_compiling()
+usable = gpu_gemv.usable_eagerly
 
 
 if triton is not None:

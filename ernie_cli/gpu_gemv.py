@@ -43,6 +43,13 @@ def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
     )
 
 
+def usable_eagerly(x: torch.Tensor) -> bool:
+    """For the Triton kernels of eager CUDA code (gpu_elementwise, gpu_dequant): CUDA with Triton,
+    not turned off by ERNIE_TRITON=0, and not being traced by torch.compile (Inductor fuses that
+    work itself)."""
+    return triton is not None and x.is_cuda and ENABLED and not torch.compiler.is_compiling()
+
+
 if triton is not None:
 
     def _configs():

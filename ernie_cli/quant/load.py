@@ -10,7 +10,6 @@ block of float32 being worked on.
 from __future__ import annotations
 
 import math
-
 import os
 from pathlib import Path
 
