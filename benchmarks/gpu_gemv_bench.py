@@ -3,8 +3,6 @@ graph, as the decode step runs them. (Round 9 also timed int-to-float code conve
 magic-number form here; the table is in docs/performance.md.)
 
 Usage (GPU machine): python benchmarks/gpu_gemv_bench.py [FORMAT ...]   (default: float int8 int4)
-FORMAT int8:fma or int4:fma times the CUDA-core kernel (float32 multiply-adds) instead of the
-tensor-core one.
 Each row captures 100 calls in one CUDA graph and reports the median over 20 replays, per call. Calls
 rotate over enough weight copies (or expert sets) that more than 300 MB is read between repeats, so
 the 50 MB L2 cache does not serve them. GB/s = weight bytes one call reads / its time.
@@ -66,9 +64,7 @@ def graph_us(calls) -> float:
 def main():
     torch.manual_seed(0)
     rows = []
-    for name in sys.argv[1:] or ("float", "int8", "int4"):
-        fmt, _, variant = name.partition(":")
-        gpu_gemv.TENSOR_CORES = variant != "fma"
+    for fmt in sys.argv[1:] or ("float", "int8", "int4"):
         for label, shape, k, per in MATRICES:
             one, total = make(fmt, shape)
             if k:  # one stack; each call takes a different set of k experts
@@ -84,7 +80,7 @@ def main():
                 (lambda a=copies[i % len(copies)], e=sets[i % len(sets)]: gpu_gemv.gemv(fmt, x, experts=e, per_expert_x=per, **a))
                 for i in range(CALLS)
             ]
-            rows.append((name, label, read / 1e6, graph_us(calls)))
+            rows.append((fmt, label, read / 1e6, graph_us(calls)))
             copies = one = None
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {gpu_gemv.triton.__version__}; µs per call inside a CUDA graph")

@@ -43,15 +43,6 @@ def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
     )
 
 
-TENSOR_CORES = os.environ.get("ERNIE_GEMV_TENSOR_CORES", "1") != "0"  # 0: the CUDA-core kernel for int8/int4, for A/B runs
-
-
-def tensor_cores(x: torch.Tensor) -> bool:
-    """Whether an int8/int4 product with this input runs on the tensor cores: bf16 activations (x
-    enters the product as bf16, so float32 inputs keep the exact float32 kernel) on sm80 or later."""
-    return TENSOR_CORES and x.dtype == torch.bfloat16 and torch.cuda.get_device_properties(x.device).major >= 8
-
-
 def usable_eagerly(x: torch.Tensor) -> bool:
     """For the Triton kernels of eager CUDA code (gpu_elementwise, gpu_dequant): CUDA with Triton,
     not turned off by ERNIE_TRITON=0, and not being traced by torch.compile (Inductor fuses that
@@ -136,75 +127,6 @@ if triton is not None:
                 y = y * tl.load(s_ptr + e * s_expert_stride + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
-    def _mma_configs():
-        return [
-            triton.Config({"BLOCK_N": bn, "STEPS": st}, num_warps=4, num_stages=ns)
-            for bn, st, ns in ((64, 2, 3), (64, 4, 2), (128, 1, 4), (128, 2, 3), (128, 4, 2), (256, 2, 2))
-        ]
-
-    @triton.autotune(configs=_mma_configs(), key=["N", "K", "P", "FMT", "GROUP"], **_keep)
-    @triton.jit
-    def _gemv_mma(
-        x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
-        N, K, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
-        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK_N: tl.constexpr, STEPS: tl.constexpr,
-    ):
-        # The weights are the M side of a tensor-core product whose other side is x in column 0 of
-        # 16 (15 zero columns cost nothing: the tensor cores have far more throughput than the
-        # memory feeds), so the multiply-adds and the sums leave the ALUs. K advances GROUP columns
-        # a product, STEPS products a loop step.
-        # int8: codes are exact in bf16; the row scale multiplies the sum at the end.
-        # int4: code q is read as the bf16 bits of 128 + q (exact: bf16 steps by 1 between 128 and
-        # 256), a mask and an OR a weight. Even and odd columns are two products against x's even and
-        # odd entries, so the nibbles are never interleaved. Per group:
-        # <W, x> = s <q - 8, x> + z sum(x) = s d + (z - 136 s) sum(x), with d = <128 + q, x>.
-        pid_n = tl.program_id(0)
-        slot = tl.program_id(1)
-        if HAS_IDX:
-            e = tl.load(idx_ptr + slot).to(tl.int64)
-        else:
-            e = 0
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
-        col0 = (tl.arange(0, 16) == 0)[None, :]
-        x_base = x_ptr + slot * x_slot_stride
-        w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
-        acc = tl.zeros((BLOCK_N, 16), tl.float32)
-        if FMT == 2:
-            HALF: tl.constexpr = GROUP // 2
-            j = tl.arange(0, HALF)
-            s_base = s_ptr + e * s_expert_stride + rows.to(tl.int64) * s_row_stride
-            z_base = z_ptr + e * s_expert_stride + rows.to(tl.int64) * s_row_stride
-            shift = tl.zeros((BLOCK_N,), tl.float32)
-            for k0 in range(0, K, GROUP * STEPS):
-                for i in tl.static_range(STEPS):
-                    kg = k0 + i * GROUP
-                    k_ok = (kg + 2 * j) < K
-                    packed = tl.load(w_base + (kg // 2 + j)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
-                    lo = ((packed & 0xF).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
-                    hi = ((packed >> 4).to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
-                    xe = tl.load(x_base + kg + 2 * j, mask=k_ok, other=0.0)
-                    xo = tl.load(x_base + kg + 2 * j + 1, mask=k_ok, other=0.0)
-                    d = tl.dot(lo, tl.where(col0, xe[:, None], 0.0).to(tl.bfloat16))
-                    d = tl.dot(hi, tl.where(col0, xo[:, None], 0.0).to(tl.bfloat16), d)
-                    g_ok = row_ok & ((rows * 0 + kg) < K)
-                    s = tl.load(s_base + kg // GROUP, mask=g_ok, other=0.0).to(tl.float32)
-                    z = tl.load(z_base + kg // GROUP, mask=g_ok, other=0.0).to(tl.float32)
-                    acc += d * s[:, None]
-                    shift += (z - 136.0 * s) * tl.sum(xe.to(tl.float32) + xo.to(tl.float32), 0)
-            y = tl.sum(acc, 1) + shift
-        else:
-            cols = tl.arange(0, GROUP)
-            for k0 in range(0, K, GROUP * STEPS):
-                for i in tl.static_range(STEPS):
-                    kg = k0 + i * GROUP
-                    k_ok = (kg + cols) < K
-                    w = tl.load(w_base + (kg + cols)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
-                    xv = tl.load(x_base + kg + cols, mask=k_ok, other=0.0)
-                    acc = tl.dot(w.to(tl.float32).to(tl.bfloat16), tl.where(col0, xv[:, None], 0.0).to(tl.bfloat16), acc)
-            y = tl.sum(acc, 1) * tl.load(s_ptr + e * s_expert_stride + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
-
 
 def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=None, group_size: int = 64,
          experts: torch.Tensor | None = None, per_expert_x: bool = False,
@@ -224,15 +146,6 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     s_stride = scales.stride(0) if (stacked and scales is not None) else 0
     dummy = weight  # unused pointer arguments still need a tensor
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p)  # noqa: E731
-    if fmt != "float" and tensor_cores(x):
-        kernel, fixed = (_gemv_mma, {}) if block is None else (_gemv_mma.fn, {"BLOCK_N": block[0], "STEPS": block[1]})
-        kernel[grid](
-            x, k if per_expert_x else 0, experts if experts is not None else dummy, weight, scales,
-            zeros if zeros is not None else dummy, out,
-            n, k, p, w_stride, s_stride, weight.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
-            FMT=FORMATS[fmt], GROUP=group_size if fmt == "int4" else 64, HAS_IDX=experts is not None, **fixed,
-        )
-        return out
     kernel, fixed = (_gemv, {}) if block is None else (_gemv.fn, {"BLOCK_N": block[0], "BLOCK_K": block[1]})
     kernel[grid](
         x, k if per_expert_x else 0, experts if experts is not None else dummy, weight,
