@@ -64,7 +64,9 @@ def graph_us(calls) -> float:
 def main():
     torch.manual_seed(0)
     rows = []
-    for fmt in sys.argv[1:] or ("float", "int8", "int4"):
+    for name in sys.argv[1:] or ("float", "int8", "int4"):
+        fmt, _, form = name.partition(":")  # int4:N: inner-loop form N (gpu_gemv.INT4_FORM)
+        gpu_gemv.INT4_FORM = int(form or 0)
         for label, shape, k, per in MATRICES:
             one, total = make(fmt, shape)
             if k:  # one stack; each call takes a different set of k experts
@@ -80,7 +82,7 @@ def main():
                 (lambda a=copies[i % len(copies)], e=sets[i % len(sets)]: gpu_gemv.gemv(fmt, x, experts=e, per_expert_x=per, **a))
                 for i in range(CALLS)
             ]
-            rows.append((fmt, label, read / 1e6, graph_us(calls)))
+            rows.append((name, label, read / 1e6, graph_us(calls)))
             copies = one = None
             torch.cuda.empty_cache()
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {gpu_gemv.triton.__version__}; µs per call inside a CUDA graph")

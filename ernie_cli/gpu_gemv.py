@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (bf16, fp16, fp32)
 ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant
+INT4_FORM = int(os.environ.get("ERNIE_INT4_FORM", "0"))  # experiment: inner-loop variants
 
 
 def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
@@ -67,12 +68,12 @@ if triton is not None:
     # process does not time every configuration again (it cost seconds of every start).
     _keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
-    @triton.autotune(configs=_configs(), key=["N", "K", "P", "FMT"], **_keep)
+    @triton.autotune(configs=_configs(), key=["N", "K", "P", "FMT", "INT4_FORM"], **_keep)
     @triton.jit
     def _gemv(
         x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
         N, K, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
-        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr,
+        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr, INT4_FORM: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
@@ -84,7 +85,7 @@ if triton is not None:
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         x_base = x_ptr + slot * x_slot_stride
-        if FMT == 2:
+        if FMT == 2 and INT4_FORM == 0:
             HALF: tl.constexpr = BLOCK_K // 2
             NG: tl.constexpr = BLOCK_K // GROUP
             groups = (K + GROUP - 1) // GROUP
@@ -109,6 +110,62 @@ if triton is not None:
                 z = tl.load(z_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
                 acc += tl.sum(s * dots + z * xsum[None, :], 1)
             y = acc
+        elif FMT == 2 and INT4_FORM < 3:
+            # the group sums stay per (row, group) until the end; the code offset 8 goes into the
+            # zero: <W, x>_g = s <q, x>_g + (z - 8 s) sum_g(x)
+            HALF: tl.constexpr = BLOCK_K // 2
+            NG: tl.constexpr = BLOCK_K // GROUP
+            groups = (K + GROUP - 1) // GROUP
+            w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
+            s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
+            z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
+            acc2 = tl.zeros((BLOCK_N, NG), tl.float32)
+            j = tl.arange(0, HALF)
+            for k0 in range(0, K, BLOCK_K):
+                ok = row_ok[:, None] & ((k0 + 2 * j) < K)[None, :]
+                packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=ok, other=0).to(tl.int32)
+                if INT4_FORM == 2:
+                    lo = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                    hi = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                else:
+                    lo = (packed & 0xF).to(tl.float32)
+                    hi = (packed >> 4).to(tl.float32)
+                xe = tl.load(x_base + k0 + 2 * j, mask=(k0 + 2 * j) < K, other=0.0).to(tl.float32)
+                xo = tl.load(x_base + k0 + 2 * j + 1, mask=(k0 + 2 * j + 1) < K, other=0.0).to(tl.float32)
+                prod = lo * xe[None, :] + hi * xo[None, :]
+                dots = tl.sum(tl.reshape(prod, (BLOCK_N, NG, GROUP // 2)), 2)
+                xsum = tl.sum(tl.reshape(xe + xo, (NG, GROUP // 2)), 1)
+                g = k0 // GROUP + tl.arange(0, NG)
+                g_ok = row_ok[:, None] & (g < groups)[None, :]
+                s = tl.load(s_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+                z = tl.load(z_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+                acc2 += s * dots + (z - 8.0 * s) * xsum[None, :]
+            y = tl.sum(acc2, 1)
+        elif FMT == 2:
+            # as form 1, with the tile loaded as [rows, groups, bytes of a group]: no reshape
+            NG: tl.constexpr = BLOCK_K // GROUP
+            HG: tl.constexpr = GROUP // 2
+            groups = (K + GROUP - 1) // GROUP
+            byte = (tl.arange(0, NG)[:, None] * HG + tl.arange(0, HG)[None, :])[None, :, :]
+            w_base = w_ptr + e * w_expert_stride + rows[:, None, None].to(tl.int64) * w_row_stride
+            s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
+            z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
+            acc2 = tl.zeros((BLOCK_N, NG), tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = (k0 + 2 * byte) < K
+                packed = tl.load(w_base + k0 // 2 + byte, mask=row_ok[:, None, None] & k_ok, other=0).to(tl.int32)
+                lo = (packed & 0xF).to(tl.float32)
+                hi = (packed >> 4).to(tl.float32)
+                xe = tl.load(x_base + k0 + 2 * byte, mask=k_ok, other=0.0).to(tl.float32)
+                xo = tl.load(x_base + k0 + 2 * byte + 1, mask=k_ok, other=0.0).to(tl.float32)
+                dots = tl.sum(lo * xe + hi * xo, 2)
+                xsum = tl.sum(xe + xo, 2)
+                g = k0 // GROUP + tl.arange(0, NG)
+                g_ok = row_ok[:, None] & (g < groups)[None, :]
+                s = tl.load(s_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+                z = tl.load(z_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+                acc2 += s * dots + (z - 8.0 * s) * xsum
+            y = tl.sum(acc2, 1)
         else:
             cols = tl.arange(0, BLOCK_K)
             w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
@@ -151,6 +208,6 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
         x, k if per_expert_x else 0, experts if experts is not None else dummy, weight,
         scales if scales is not None else dummy, zeros if zeros is not None else dummy, out,
         n, k, p, w_stride, s_stride, weight.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
-        FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, **fixed,
+        FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, INT4_FORM=INT4_FORM, **fixed,
     )
     return out
