@@ -110,62 +110,46 @@ if triton is not None:
                 z = tl.load(z_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
                 acc += tl.sum(s * dots + z * xsum[None, :], 1)
             y = acc
-        elif FMT == 2 and INT4_FORM < 3:
-            # the group sums stay per (row, group) until the end; the code offset 8 goes into the
-            # zero: <W, x>_g = s <q, x>_g + (z - 8 s) sum_g(x)
+        elif FMT == 2:
+            # 4: x read contiguously and split into even/odd in registers; 5: the codes interleaved
+            # back into column order, x read contiguously; 6: x split into [even | odd] before the
+            # launch (gemv), both halves read contiguously.
             HALF: tl.constexpr = BLOCK_K // 2
             NG: tl.constexpr = BLOCK_K // GROUP
             groups = (K + GROUP - 1) // GROUP
             w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
             s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
             z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
-            acc2 = tl.zeros((BLOCK_N, NG), tl.float32)
+            acc = tl.zeros((BLOCK_N,), tl.float32)
             j = tl.arange(0, HALF)
+            c = tl.arange(0, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
                 ok = row_ok[:, None] & ((k0 + 2 * j) < K)[None, :]
                 packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=ok, other=0).to(tl.int32)
-                if INT4_FORM == 2:
-                    lo = ((packed & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                    hi = ((packed >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                lo = (packed & 0xF).to(tl.float32) - 8.0
+                hi = (packed >> 4).to(tl.float32) - 8.0
+                if INT4_FORM == 5:
+                    xv = tl.load(x_base + k0 + c, mask=(k0 + c) < K, other=0.0).to(tl.float32)
+                    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+                    dots = tl.sum(tl.reshape(w * xv[None, :], (BLOCK_N, NG, GROUP)), 2)
+                    xsum = tl.sum(tl.reshape(xv, (NG, GROUP)), 1)
                 else:
-                    lo = (packed & 0xF).to(tl.float32)
-                    hi = (packed >> 4).to(tl.float32)
-                xe = tl.load(x_base + k0 + 2 * j, mask=(k0 + 2 * j) < K, other=0.0).to(tl.float32)
-                xo = tl.load(x_base + k0 + 2 * j + 1, mask=(k0 + 2 * j + 1) < K, other=0.0).to(tl.float32)
-                prod = lo * xe[None, :] + hi * xo[None, :]
-                dots = tl.sum(tl.reshape(prod, (BLOCK_N, NG, GROUP // 2)), 2)
-                xsum = tl.sum(tl.reshape(xe + xo, (NG, GROUP // 2)), 1)
+                    if INT4_FORM == 4:
+                        xv = tl.load(x_base + k0 + c, mask=(k0 + c) < K, other=0.0).to(tl.float32)
+                        xe, xo = tl.split(tl.reshape(xv, (HALF, 2)))
+                    else:
+                        half_ok = (k0 + 2 * j) < K
+                        xe = tl.load(x_base + k0 // 2 + j, mask=half_ok, other=0.0).to(tl.float32)
+                        xo = tl.load(x_base + K // 2 + k0 // 2 + j, mask=half_ok, other=0.0).to(tl.float32)
+                    prod = lo * xe[None, :] + hi * xo[None, :]
+                    dots = tl.sum(tl.reshape(prod, (BLOCK_N, NG, GROUP // 2)), 2)
+                    xsum = tl.sum(tl.reshape(xe + xo, (NG, GROUP // 2)), 1)
                 g = k0 // GROUP + tl.arange(0, NG)
                 g_ok = row_ok[:, None] & (g < groups)[None, :]
                 s = tl.load(s_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
                 z = tl.load(z_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
-                acc2 += s * dots + (z - 8.0 * s) * xsum[None, :]
-            y = tl.sum(acc2, 1)
-        elif FMT == 2:
-            # as form 1, with the tile loaded as [rows, groups, bytes of a group]: no reshape
-            NG: tl.constexpr = BLOCK_K // GROUP
-            HG: tl.constexpr = GROUP // 2
-            groups = (K + GROUP - 1) // GROUP
-            byte = (tl.arange(0, NG)[:, None] * HG + tl.arange(0, HG)[None, :])[None, :, :]
-            w_base = w_ptr + e * w_expert_stride + rows[:, None, None].to(tl.int64) * w_row_stride
-            s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
-            z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
-            acc2 = tl.zeros((BLOCK_N, NG), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k_ok = (k0 + 2 * byte) < K
-                packed = tl.load(w_base + k0 // 2 + byte, mask=row_ok[:, None, None] & k_ok, other=0).to(tl.int32)
-                lo = (packed & 0xF).to(tl.float32)
-                hi = (packed >> 4).to(tl.float32)
-                xe = tl.load(x_base + k0 + 2 * byte, mask=k_ok, other=0.0).to(tl.float32)
-                xo = tl.load(x_base + k0 + 2 * byte + 1, mask=k_ok, other=0.0).to(tl.float32)
-                dots = tl.sum(lo * xe + hi * xo, 2)
-                xsum = tl.sum(xe + xo, 2)
-                g = k0 // GROUP + tl.arange(0, NG)
-                g_ok = row_ok[:, None] & (g < groups)[None, :]
-                s = tl.load(s_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
-                z = tl.load(z_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
-                acc2 += s * dots + (z - 8.0 * s) * xsum
-            y = tl.sum(acc2, 1)
+                acc += tl.sum(s * dots + z * xsum[None, :], 1)
+            y = acc
         else:
             cols = tl.arange(0, BLOCK_K)
             w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
@@ -196,6 +180,8 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     x = x.contiguous()
     n = weight.shape[-2]
     k = x.shape[-1]
+    if fmt == "int4" and INT4_FORM == 6:
+        x = x.unflatten(-1, (k // 2, 2)).transpose(-1, -2).contiguous()
     p = 1 if experts is None else experts.numel()
     out = torch.empty((p, n), dtype=x.dtype, device=x.device)
     stacked = weight.dim() == 3
