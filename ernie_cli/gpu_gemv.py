@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (bf16, fp16, fp32)
 ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant
-INT4_FORM = int(os.environ.get("ERNIE_INT4_FORM", "0"))  # experiment: inner-loop variants
+INT4_FORM = int(os.environ.get("ERNIE_INT4_FORM", "1"))  # 0: the int4 loop before round 20, for A/B runs
 
 
 def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
@@ -85,35 +85,10 @@ if triton is not None:
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         x_base = x_ptr + slot * x_slot_stride
-        if FMT == 2 and INT4_FORM == 0:
-            HALF: tl.constexpr = BLOCK_K // 2
-            NG: tl.constexpr = BLOCK_K // GROUP
-            groups = (K + GROUP - 1) // GROUP
-            w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
-            s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
-            z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
-            acc = tl.zeros((BLOCK_N,), tl.float32)
-            j = tl.arange(0, HALF)
-            for k0 in range(0, K, BLOCK_K):
-                ok = row_ok[:, None] & ((k0 + 2 * j) < K)[None, :]
-                packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=ok, other=0).to(tl.int32)
-                lo = (packed & 0xF).to(tl.float32) - 8.0
-                hi = (packed >> 4).to(tl.float32) - 8.0
-                xe = tl.load(x_base + k0 + 2 * j, mask=(k0 + 2 * j) < K, other=0.0).to(tl.float32)
-                xo = tl.load(x_base + k0 + 2 * j + 1, mask=(k0 + 2 * j + 1) < K, other=0.0).to(tl.float32)
-                prod = lo * xe[None, :] + hi * xo[None, :]
-                dots = tl.sum(tl.reshape(prod, (BLOCK_N, NG, GROUP // 2)), 2)
-                xsum = tl.sum(tl.reshape(xe + xo, (NG, GROUP // 2)), 1)
-                g = k0 // GROUP + tl.arange(0, NG)
-                g_ok = row_ok[:, None] & (g < groups)[None, :]
-                s = tl.load(s_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
-                z = tl.load(z_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
-                acc += tl.sum(s * dots + z * xsum[None, :], 1)
-            y = acc
-        elif FMT == 2:
-            # 4: x read contiguously and split into even/odd in registers; 5: the codes interleaved
-            # back into column order, x read contiguously; 6: x split into [even | odd] before the
-            # launch (gemv), both halves read contiguously.
+        if FMT == 2:
+            # The codes are put back in column order in registers (join + reshape) so that x is read
+            # contiguously: reading x's even and odd entries as two stride-2 gathers cost one load
+            # instruction per weight, and this kernel is bound by its instructions, not by memory.
             HALF: tl.constexpr = BLOCK_K // 2
             NG: tl.constexpr = BLOCK_K // GROUP
             groups = (K + GROUP - 1) // GROUP
@@ -128,22 +103,16 @@ if triton is not None:
                 packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=ok, other=0).to(tl.int32)
                 lo = (packed & 0xF).to(tl.float32) - 8.0
                 hi = (packed >> 4).to(tl.float32) - 8.0
-                if INT4_FORM == 5:
+                if INT4_FORM == 0:  # before round 20, for one A/B run: x as two stride-2 gathers
+                    xe = tl.load(x_base + k0 + 2 * j, mask=(k0 + 2 * j) < K, other=0.0).to(tl.float32)
+                    xo = tl.load(x_base + k0 + 2 * j + 1, mask=(k0 + 2 * j + 1) < K, other=0.0).to(tl.float32)
+                    dots = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, NG, GROUP // 2)), 2)
+                    xsum = tl.sum(tl.reshape(xe + xo, (NG, GROUP // 2)), 1)
+                else:
                     xv = tl.load(x_base + k0 + c, mask=(k0 + c) < K, other=0.0).to(tl.float32)
                     w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
                     dots = tl.sum(tl.reshape(w * xv[None, :], (BLOCK_N, NG, GROUP)), 2)
                     xsum = tl.sum(tl.reshape(xv, (NG, GROUP)), 1)
-                else:
-                    if INT4_FORM == 4:
-                        xv = tl.load(x_base + k0 + c, mask=(k0 + c) < K, other=0.0).to(tl.float32)
-                        xe, xo = tl.split(tl.reshape(xv, (HALF, 2)))
-                    else:
-                        half_ok = (k0 + 2 * j) < K
-                        xe = tl.load(x_base + k0 // 2 + j, mask=half_ok, other=0.0).to(tl.float32)
-                        xo = tl.load(x_base + K // 2 + k0 // 2 + j, mask=half_ok, other=0.0).to(tl.float32)
-                    prod = lo * xe[None, :] + hi * xo[None, :]
-                    dots = tl.sum(tl.reshape(prod, (BLOCK_N, NG, GROUP // 2)), 2)
-                    xsum = tl.sum(tl.reshape(xe + xo, (NG, GROUP // 2)), 1)
                 g = k0 // GROUP + tl.arange(0, NG)
                 g_ok = row_ok[:, None] & (g < groups)[None, :]
                 s = tl.load(s_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
@@ -180,8 +149,6 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     x = x.contiguous()
     n = weight.shape[-2]
     k = x.shape[-1]
-    if fmt == "int4" and INT4_FORM == 6:
-        x = x.unflatten(-1, (k // 2, 2)).transpose(-1, -2).contiguous()
     p = 1 if experts is None else experts.numel()
     out = torch.empty((p, n), dtype=x.dtype, device=x.device)
     stacked = weight.dim() == 3
