@@ -3,6 +3,8 @@ graph, as the decode step runs them. (Round 9 also timed int-to-float code conve
 magic-number form here; the table is in docs/performance.md.)
 
 Usage (GPU machine): python benchmarks/gpu_gemv_bench.py [FORMAT ...]   (default: float int8 int4)
+A FORMAT ending in + (int4+) lets the tuner also try the WIDER block shapes; the chosen shape of
+every row is printed.
 Each row captures 100 calls in one CUDA graph and reports the median over 20 replays, per call. Calls
 rotate over enough weight copies (or expert sets) that more than 300 MB is read between repeats, so
 the 50 MB L2 cache does not serve them. GB/s = weight bytes one call reads / its time.
@@ -14,11 +16,17 @@ import statistics
 import sys
 
 import torch
+import triton
 
 from ernie_cli import gpu_gemv
 from ernie_cli.quant import formats
 
 CALLS, REPLAYS = 100, 20
+KERNEL = gpu_gemv._gemv.fn
+WIDER = [  # block shapes outside the shipped list: (BLOCK_N, BLOCK_K, warps)
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+    for bn, bk, w in ((2, 2048, 4), (4, 2048, 8), (32, 256, 8), (8, 512, 2), (4, 512, 2), (32, 512, 8))
+]
 MATRICES = (  # label, one weight's shape, experts taken per call (0: a plain matrix), one input per expert
     ("6 experts' gate_up [3072x2560]", (64, 3072, 2560), 6, False),
     ("6 experts' down [2560x1536]", (64, 2560, 1536), 6, True),
@@ -63,10 +71,10 @@ def graph_us(calls) -> float:
 
 def main():
     torch.manual_seed(0)
-    rows = []
+    rows, picked = [], []
     for name in sys.argv[1:] or ("float", "int8", "int4"):
-        fmt, _, form = name.partition(":")  # int4:N: inner-loop form N (gpu_gemv.INT4_FORM)
-        gpu_gemv.INT4_FORM = int(form or 0)
+        fmt, wider = name.rstrip("+"), name.endswith("+")  # int4+: the tuner also tries WIDER
+        gpu_gemv._gemv = triton.autotune(configs=gpu_gemv._configs() + (WIDER if wider else []), key=["N", "K", "P", "FMT"])(KERNEL)
         for label, shape, k, per in MATRICES:
             one, total = make(fmt, shape)
             if k:  # one stack; each call takes a different set of k experts
@@ -83,8 +91,10 @@ def main():
                 for i in range(CALLS)
             ]
             rows.append((name, label, read / 1e6, graph_us(calls)))
+            picked.append(f"{name} {label}: {gpu_gemv._gemv.best_config}")
             copies = one = None
             torch.cuda.empty_cache()
+    print("\n".join(picked))
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {gpu_gemv.triton.__version__}; µs per call inside a CUDA graph")
     print("| weights | matrix | MB read | µs | GB/s |")
     print("|---|---|---:|---:|---:|")

@@ -29,7 +29,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (bf16, fp16, fp32)
 ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant
-INT4_FORM = int(os.environ.get("ERNIE_INT4_FORM", "1"))  # 0: the int4 loop before round 20, for A/B runs
 
 
 def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
@@ -68,12 +67,12 @@ if triton is not None:
     # process does not time every configuration again (it cost seconds of every start).
     _keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
-    @triton.autotune(configs=_configs(), key=["N", "K", "P", "FMT", "INT4_FORM"], **_keep)
+    @triton.autotune(configs=_configs(), key=["N", "K", "P", "FMT"], **_keep)
     @triton.jit
     def _gemv(
         x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
         N, K, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
-        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr, INT4_FORM: tl.constexpr,
+        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
@@ -103,16 +102,10 @@ if triton is not None:
                 packed = tl.load(w_base + (k0 // 2 + j)[None, :], mask=ok, other=0).to(tl.int32)
                 lo = (packed & 0xF).to(tl.float32) - 8.0
                 hi = (packed >> 4).to(tl.float32) - 8.0
-                if INT4_FORM == 0:  # before round 20, for one A/B run: x as two stride-2 gathers
-                    xe = tl.load(x_base + k0 + 2 * j, mask=(k0 + 2 * j) < K, other=0.0).to(tl.float32)
-                    xo = tl.load(x_base + k0 + 2 * j + 1, mask=(k0 + 2 * j + 1) < K, other=0.0).to(tl.float32)
-                    dots = tl.sum(tl.reshape(lo * xe[None, :] + hi * xo[None, :], (BLOCK_N, NG, GROUP // 2)), 2)
-                    xsum = tl.sum(tl.reshape(xe + xo, (NG, GROUP // 2)), 1)
-                else:
-                    xv = tl.load(x_base + k0 + c, mask=(k0 + c) < K, other=0.0).to(tl.float32)
-                    w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
-                    dots = tl.sum(tl.reshape(w * xv[None, :], (BLOCK_N, NG, GROUP)), 2)
-                    xsum = tl.sum(tl.reshape(xv, (NG, GROUP)), 1)
+                xv = tl.load(x_base + k0 + c, mask=(k0 + c) < K, other=0.0).to(tl.float32)
+                w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+                dots = tl.sum(tl.reshape(w * xv[None, :], (BLOCK_N, NG, GROUP)), 2)
+                xsum = tl.sum(tl.reshape(xv, (NG, GROUP)), 1)
                 g = k0 // GROUP + tl.arange(0, NG)
                 g_ok = row_ok[:, None] & (g < groups)[None, :]
                 s = tl.load(s_base + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
@@ -161,6 +154,6 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
         x, k if per_expert_x else 0, experts if experts is not None else dummy, weight,
         scales if scales is not None else dummy, zeros if zeros is not None else dummy, out,
         n, k, p, w_stride, s_stride, weight.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
-        FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, INT4_FORM=INT4_FORM, **fixed,
+        FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, **fixed,
     )
     return out
