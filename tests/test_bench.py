@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,7 @@ def test_cli_markdown_from_model_dir(checkpoints):
     rows = [l for l in lines[2:] if l.startswith("|")]
     assert [r.split("|")[8].strip() for r in rows] == ["pp8", "pp16", "tg4"]
     assert all(r.split("|")[5].strip() == "1" for r in rows)  # threads reported as set
+    assert re.fullmatch(r"\d+\.\d\d M \(\d+\.\d\d M\)", rows[0].split("|")[3].strip())  # millions, not "0.00 B"
 
 
 def test_cli_json_has_every_sample_and_field(checkpoints):

@@ -234,6 +234,15 @@ def test_corrupt_weights(tmp_path, model_dir):
     assert "is truncated" in _error(ernie("-m", str(bad), "hi"))
 
 
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path, tokenizer_dir):
+    """A checkpoint whose embedding is smaller than its tokenizer: a clear error, not an IndexError."""
+    path, _ = write_checkpoint(tmp_path / "small-vocab", "moe", vocab_size=512)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, path / name)
+    line = _error(ernie("-m", str(path), "The capital of France is"))
+    assert "the model has 512 embeddings" in line and "do not belong to this checkpoint" in line
+
+
 def test_prompt_longer_than_context(model_dir):
     line = _error(ernie("-m", str(model_dir), "--max-context", "4", "one two three four five six seven"))
     assert "tokens but the context holds 4" in line

@@ -141,11 +141,16 @@ def _gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 1024**3:.2f} GiB"
 
 
+def _count(n: int) -> str:
+    """Parameters as llama-bench writes them: B from a billion, M below (a tiny test model is not 0.00 B)."""
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 def _markdown(rows: list[dict], context: dict) -> str:
     header = ["model", "size", "params (active)", "device", "threads", "dtype", "quant", "test", "t/s", "ttft ms", "peak mem", "GB/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 8 else "---:" for i in range(len(header))) + "|"]
     for r in rows:
-        params = f"{r['params_total'] / 1e9:.2f} B ({r['params_active'] / 1e9:.2f} B)"
+        params = f"{_count(r['params_total'])} ({_count(r['params_active'])})"
         gbs = "-" if r["bandwidth_gb_s"] is None else f"{r['bandwidth_gb_s']:.1f}"
         cells = [
             r["model"], _gib(r["size_on_disk_bytes"] or r["weight_bytes_in_memory"]), params, r["device_name"], str(r["threads"]),
