@@ -62,8 +62,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     """nn.Linear through `linear` above."""
 
+    def reset_parameters(self) -> None:
+        """No random init: every weight comes from the checkpoint (see Embedding)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        """No random init: every weight comes from the checkpoint, and on the meta device torch's
+        init loads its Python meta kernels, about a second of every start-up."""
 
 
 def concatenate_linears(parts: list[nn.Module]) -> nn.Module | None:
@@ -379,7 +388,7 @@ class ErnieForCausalLM(nn.Module):
     def __init__(self, cfg: ErnieConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Untied checkpoints get their own head; ERNIE 4.5 releases tie it to the embedding.

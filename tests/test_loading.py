@@ -211,3 +211,16 @@ def test_untied_checkpoint_loads_its_own_head(tmp_path):
     ids = torch.arange(3, 30)[None]
     with torch.no_grad():
         assert (model(ids, 0, all_logits=True) - ref(ids).logits).abs().max() < 1e-4
+
+
+def test_building_the_model_draws_no_random_weights(monkeypatch, checkpoints):
+    """Every weight comes from the checkpoint, so building the (meta) model must not run an init: on
+    the meta device torch's random init loads its Python meta kernels, a second of every start-up."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a random init ran while building the model")
+
+    path, _ = checkpoints("moe")  # written by transformers, which does draw random weights
+    monkeypatch.setattr(torch.Tensor, "normal_", refuse)
+    monkeypatch.setattr(torch.Tensor, "uniform_", refuse)
+    model = load_model(path, "cpu", "float32")
+    assert model.embed_tokens.weight.device.type == "cpu"
