@@ -134,9 +134,10 @@ def complete(runtime: Runtime, request: Request, on_text: Callable[[str], None] 
     prompt_ids = tok.encode(request.prompt)
     if not prompt_ids:
         raise ErnieError("the prompt is empty after tokenization: give some text to complete.")
-    if max(prompt_ids) >= cfg.vocab_size:  # the embedding lookup would fail with a bare IndexError
+    top_id = max(prompt_ids)
+    if top_id >= cfg.vocab_size:  # the embedding lookup would fail with a bare IndexError
         raise ErnieError(
-            f"the tokenizer gave token id {max(prompt_ids)} but the model has {cfg.vocab_size} embeddings: "
+            f"the tokenizer gave token id {top_id} but the model has {cfg.vocab_size} embeddings: "
             f"the tokenizer files in {runtime.model_dir} do not belong to this checkpoint; copy in the model's own."
         )
     context = min(request.max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
