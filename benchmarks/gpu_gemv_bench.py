@@ -4,9 +4,8 @@ magic-number form here; the table is in docs/performance.md.)
 
 Usage (GPU machine): python benchmarks/gpu_gemv_bench.py [FORMAT ...]   (default: float int8 int4)
 A FORMAT ending in + (int8+) lets the tuner of the float/int8 kernel also try the WIDER block shapes;
-int4:magic and int4:bytes run the int4 kernel's magic-number form and the byte-wise loop it replaced.
-The chosen shape of every row is printed. int4 rows time the kernel alone; the "x prep" rows time
-gpu_gemv.int4_input, which the compiled decode step folds into the kernel that produced x.
+int4:bytes runs the byte-wise int4 loop that _gemv_int4 replaced. The chosen shape of every row is
+printed.
 Each row captures 100 calls in one CUDA graph and reports the median over 20 replays, per call. Calls
 rotate over enough weight copies (or expert sets) that more than 300 MB is read between repeats, so
 the 50 MB L2 cache does not serve them. GB/s = weight bytes one call reads / its time.
@@ -91,19 +90,14 @@ def main():
                 sets = [None] * len(copies)
             x = torch.randn((k, shape[-1]) if per else (shape[-1],), device="cuda", dtype=torch.bfloat16)
             words = fmt == "int4" and gpu_gemv.INT4_KERNEL != "bytes"
-            prep = gpu_gemv.int4_input(x.reshape(-1, shape[-1]), 64) if words else None
             calls = [
-                (lambda a=copies[i % len(copies)], e=sets[i % len(sets)]: gpu_gemv.gemv(fmt, x, experts=e, per_expert_x=per, prepared=prep, **a))
+                (lambda a=copies[i % len(copies)], e=sets[i % len(sets)]: gpu_gemv.gemv(fmt, x, experts=e, per_expert_x=per, **a))
                 for i in range(CALLS)
             ]
             rows.append((name, label, read / 1e6, graph_us(calls)))
             picked.append(f"{name} {label}: {(gpu_gemv._gemv_int4 if words else gpu_gemv._gemv).best_config}")
             copies = one = None
             torch.cuda.empty_cache()
-    for shape in ((1, 2560), (6, 1536)):
-        x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-        us = graph_us([lambda: gpu_gemv.int4_input(x, 64)] * CALLS)
-        rows.append(("int4", f"x prep {list(shape)} (eager torch ops)", 0.0, us))
     print("\n".join(picked))
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {gpu_gemv.triton.__version__}; µs per call inside a CUDA graph")
     print("| weights | matrix | MB read | µs | GB/s |")

@@ -69,32 +69,32 @@ if triton is not None:
 
     def _int4_configs():
         # BLOCK_W = 64 words divides K/8 of every 21B-A3B matrix (2560, 1536, 3072 and 12288 columns), so
-        # its loads carry no masks; more rows a program put more bytes in flight for the same x loads.
+        # its loads carry no masks. More rows a program put more bytes in flight for the same x loads;
+        # fewer rows give a small matrix enough programs for 132 SMs.
         return [
             triton.Config({"BLOCK_N": bn, "BLOCK_W": bw}, num_warps=w)
             for bn, bw, w in (
-                (8, 64, 4), (16, 64, 4), (32, 64, 4), (32, 64, 8), (64, 64, 8),  # K/8 a multiple of 64: no masks
+                (8, 64, 4), (16, 64, 4), (32, 64, 4), (64, 64, 4), (64, 64, 8),  # K/8 a multiple of 64: no masks
                 (4, 128, 4), (8, 128, 4), (8, 256, 4),
             )
         ]
 
-    @triton.autotune(configs=_int4_configs(), key=["N", "K8", "P", "MAGIC"], **_keep)
+    @triton.autotune(configs=_int4_configs(), key=["N", "K8", "P"], **_keep)
     @triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
     @triton.jit
     def _gemv_int4(
-        xp_ptr, xs_ptr, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+        x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
         N, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
-        K8: tl.constexpr, X_PER_SLOT: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_IDX: tl.constexpr, MAGIC: tl.constexpr,
+        K8: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_IDX: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr,
     ):
         # Why this shape: the codes are read as 32-bit words of 8 nibbles (word c holds columns 8c..8c+7,
-        # nibble i in bits 4i..4i+3), and nibble i is turned into a float where it lies: q * 16^j, one
-        # AND and one int-to-float. The input comes prepared (int4_input): xp[i, c] = x[8c + i] * 16^-j,
-        # so each of the eight products is one FMA against x values read contiguously, and the group
-        # sums of x cover the code offset 8 and the zeros. Summing a group's words in registers and
-        # loading the scales as a [rows, groups] tile keeps every tensor in one register layout: the
-        # byte-wise loop this replaced spent most of its ~12 instructions a weight on byte loads,
-        # masks and layout shuffles through shared memory.
+        # nibble i in bits 4i..4i+3), and nibble i is turned into a float where it lies, q * 16^j (j = i,
+        # or i - 3 for nibbles 5-7, read from the word shifted 12 bits down): one AND and one
+        # int-to-float, with x scaled by 16^-j instead. x is read once per program and step, one vector
+        # per nibble, and broadcast over the rows; a group's words are summed in registers. The
+        # byte-wise loop this replaced spent about 12 SASS instructions a weight (one-byte loads with a
+        # mask each, layout shuffles); this one about 4.3 (docs/performance.md, sixth session).
         pid_n = tl.program_id(0)
         slot = tl.program_id(1)
         if HAS_IDX:
@@ -109,50 +109,42 @@ if triton is not None:
         w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
         s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
         z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
-        if X_PER_SLOT:
-            xp_base = xp_ptr + slot * (8 * K8)
-            xs_base = xs_ptr + slot * G
-        else:
-            xp_base = xp_ptr
-            xs_base = xs_ptr
+        x_base = x_ptr + slot * x_slot_stride
         c = tl.arange(0, BLOCK_W)
         gi = tl.arange(0, NGW)
-        bcast = (rows * 0)[:, None]  # x as a [rows, words] tile: the codes' layout, no shuffles
         acc = tl.zeros((BLOCK_N, NGW), tl.float32)
         for w0 in range(0, K8, BLOCK_W):
             cw = w0 + c
-            if EVEN and EVEN_N:  # no masks at all: masked loads cost a zeroing move per register
+            if EVEN and EVEN_N:  # no masks at all: a masked load costs a zeroing move per register
                 ok = tl.full((BLOCK_N, BLOCK_W), 1, tl.int1)
-            elif EVEN:
-                ok = tl.broadcast_to(row_ok[:, None], (BLOCK_N, BLOCK_W))
-            else:
-                ok = row_ok[:, None] & (cw < K8)[None, :]
-            p = tl.load(w_base + cw[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            p12 = p >> 12  # nibbles 5-7 at bits 8-19, below a float's exponent (bit 23 up)
-            for i in tl.static_range(8):
-                xi = tl.load(xp_base + i * K8 + bcast + cw[None, :], mask=ok, other=0.0)
-                if i < 5:
-                    bits = p & (15 << (4 * i))
-                else:
-                    bits = p12 & (15 << (4 * i - 12))
-                if MAGIC:  # 2^23 + q 16^j as float bits, minus 2^23: no int-to-float instruction
-                    f = (bits | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                else:
-                    f = bits.to(tl.float32)
-                if i == 0:
-                    d = f * xi
-                else:
-                    d += f * xi
-            dg = tl.sum(tl.reshape(d, (BLOCK_N, NGW, GROUP_WORDS)), 2)
-            g = w0 // GROUP_WORDS + gi
-            if EVEN and EVEN_N:
                 gok = tl.full((BLOCK_N, NGW), 1, tl.int1)
+                x_ok = tl.full((BLOCK_W,), 1, tl.int1)
             else:
-                gok = row_ok[:, None] & (g < G)[None, :]
-            xs = tl.load(xs_base + bcast + g[None, :], mask=gok, other=0.0)
+                x_ok = cw < K8
+                ok = row_ok[:, None] & x_ok[None, :]
+                gok = row_ok[:, None] & ((w0 // GROUP_WORDS + gi) < G)[None, :]
+            p = tl.load(w_base + cw[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
+            p12 = p >> 12  # nibbles 5-7 at bits 8-19
+            for i in tl.static_range(8):
+                xi = tl.load(x_base + 8 * cw + i, mask=x_ok, other=0.0).to(tl.float32)
+                if i < 5:
+                    f = (p & (15 << (4 * i))).to(tl.float32)
+                    xj = xi * (0.0625 ** i)
+                else:
+                    f = (p12 & (15 << (4 * i - 12))).to(tl.float32)
+                    xj = xi * (0.0625 ** (i - 3))
+                if i == 0:
+                    d = f * xj[None, :]
+                    xsum = xi
+                else:
+                    d += f * xj[None, :]
+                    xsum += xi
+            dg = tl.sum(tl.reshape(d, (BLOCK_N, NGW, GROUP_WORDS)), 2)
+            xg = tl.sum(tl.reshape(xsum, (NGW, GROUP_WORDS)), 1)[None, :]  # x's group sums: offset and zeros
+            g = w0 // GROUP_WORDS + gi
             s = tl.load(s_base + g[None, :], mask=gok, other=0.0).to(tl.float32)
             z = tl.load(z_base + g[None, :], mask=gok, other=0.0).to(tl.float32)
-            acc += s * (dg - 8.0 * xs) + z * xs
+            acc += s * (dg - 8.0 * xg) + z * xg
         y = tl.sum(acc, 1)
         tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
@@ -220,35 +212,18 @@ if triton is not None:
         tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-_NIBBLE_SCALES: dict[torch.device, torch.Tensor] = {}
-# Temporary, for this session's device A/B: "bytes" runs the byte-wise int4 loop this kernel replaced,
-# "magic" the word kernel with magic-number conversions.
+# Temporary, for this session's device A/B: "bytes" runs the byte-wise int4 loop this kernel replaced.
 INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "words")
-
-
-def int4_input(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [P, K] as _gemv_int4 reads it: xp [P, 8, K/8] float32 with xp[:, i, c] = x[:, 8c + i] * 16^-j
-    (j = i for nibbles 0-4, i - 3 for nibbles 5-7, which the kernel reads 12 bits lower),
-    and the group sums [P, K/group] float32. Plain torch ops, so that in the compiled decode step
-    Inductor folds them into the kernel that produced x (the norm, the activation)."""
-    scales = _NIBBLE_SCALES.get(x.device)
-    if scales is None:
-        j = torch.tensor([0, 1, 2, 3, 4, 2, 3, 4], dtype=torch.float32)
-        scales = _NIBBLE_SCALES[x.device] = torch.exp2(-4.0 * j).to(x.device)
-    xf = x.float().reshape(x.shape[0], -1, 8)
-    xp = (xf * scales).transpose(1, 2).contiguous()
-    return xp, xf.reshape(x.shape[0], -1, group_size).sum(-1)
 
 
 def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=None, group_size: int = 64,
          experts: torch.Tensor | None = None, per_expert_x: bool = False,
-         block: tuple[int, int] | None = None, prepared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+         block: tuple[int, int] | None = None) -> torch.Tensor:
     """One token: x [K] (or [P, K] with per_expert_x) against weight [N, K] or the experts `experts`
     [P] of a stack [E, N, K] (int4: [.., N, K/2]) -> [P, N] in x's dtype (P = 1 without experts).
 
     int4 needs K a multiple of 8 and a group size of 32, 64 or 128 (usable() checks both).
-    block=(BLOCK_N, BLOCK_K) skips the tuner (tests under TRITON_INTERPRET, benchmarks); prepared is
-    int4_input(x) computed beforehand (benchmarks time the kernel alone)."""
+    block=(BLOCK_N, BLOCK_K) skips the tuner (tests under TRITON_INTERPRET, benchmarks)."""
     x = x.contiguous()
     n = weight.shape[-2]
     k = x.shape[-1]
@@ -261,13 +236,11 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p)  # noqa: E731
     if fmt == "int4" and INT4_KERNEL != "bytes":
         words = weight.view(torch.int32)
-        xp, xs = prepared if prepared is not None else int4_input(x.reshape(-1, k), group_size)
         kernel, fixed = (_gemv_int4, {}) if block is None else (_gemv_int4.fn, {"BLOCK_N": block[0], "BLOCK_W": block[1] // 8})
         kernel[grid](
-            xp, xs, experts if experts is not None else dummy, words, scales, zeros, out,
+            x, k if per_expert_x else 0, experts if experts is not None else dummy, words, scales, zeros, out,
             n, p, w_stride // 4, s_stride, words.stride(-2), scales.stride(-2),
-            K8=k // 8, X_PER_SLOT=per_expert_x, GROUP_WORDS=group_size // 8, HAS_IDX=experts is not None,
-            MAGIC=INT4_KERNEL == "magic", **fixed,
+            K8=k // 8, GROUP_WORDS=group_size // 8, HAS_IDX=experts is not None, **fixed,
         )
         return out
     kernel, fixed = (_gemv, {}) if block is None else (_gemv.fn, {"BLOCK_N": block[0], "BLOCK_K": block[1]})
