@@ -102,7 +102,7 @@ if triton is not None:
         else:
             e = 0
         NGW: tl.constexpr = BLOCK_W // GROUP_WORDS
-        G: tl.constexpr = K8 // GROUP_WORDS
+        G: tl.constexpr = (K8 + GROUP_WORDS - 1) // GROUP_WORDS  # the last group may be partial
         EVEN: tl.constexpr = K8 % BLOCK_W == 0
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
