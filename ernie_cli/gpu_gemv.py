@@ -212,8 +212,10 @@ if triton is not None:
         tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-# Temporary, for this session's device A/B: "bytes" runs the byte-wise int4 loop this kernel replaced.
-INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "words")
+# Which int4 kernel one-token products use: "bytes" (_gemv) or "words" (_gemv_int4). The word kernel is
+# 1.3-1.5x faster alone and made 8-layer int4 decode 23% faster, but the full 28-layer model decoded
+# 4% slower with it (docs/performance.md, sixth session), so it is opt-in until that is understood.
+INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
 
 
 def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=None, group_size: int = 64,

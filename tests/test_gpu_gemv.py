@@ -29,13 +29,18 @@ def _assert_close(y, ref, x, w, rounding):
     assert ((y.double().cpu() - ref).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("fmt, group", [("float", 0), ("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
+FORMS = [("float", 0, ""), ("int8", 0, "")] + [("int4", g, kernel) for g in (32, 64, 128) for kernel in ("bytes", "words")]
+
+
+@pytest.mark.parametrize("fmt, group, int4_kernel", FORMS)
 @pytest.mark.parametrize("dtype, rounding", [(torch.float32, 0.0), (torch.bfloat16, 2.0**-8)])
 @pytest.mark.parametrize("n, k", [(200, 392), (256, 1024)])
-def test_experts_and_single_matrices_against_float64(fmt, group, dtype, rounding, n, k):
-    """200 x 392: N and K/8 multiples of no block, so every load is masked, and the last int4 group
-    is partial; 256 x 1024: the int4 kernel's unmasked loop (K/8 a multiple of 64 words, N of every
-    BLOCK_N)."""
+def test_experts_and_single_matrices_against_float64(fmt, group, int4_kernel, dtype, rounding, n, k, monkeypatch):
+    """Both int4 kernels (gpu_gemv.INT4_KERNEL). 200 x 392: N and K/8 multiples of no block, so every
+    load is masked, and the last int4 group is partial; 256 x 1024: the word kernel's unmasked loop
+    (K/8 a multiple of 64 words, N of every BLOCK_N)."""
+    if int4_kernel:
+        monkeypatch.setattr(gpu_gemv, "INT4_KERNEL", int4_kernel)
     e_count = 6
     args, w = _weights(fmt, (e_count, n, k), group or 64, seed=1)
     experts = torch.tensor([5, 0, 3, 3], device="cuda")
