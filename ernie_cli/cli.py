@@ -34,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help text is plain: "[default: ...]" must print, not vanish as a markup tag
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         # Without standalone mode typer returns an exit code (130 after Ctrl-C) instead of exiting.
         result = app(args=argv, prog_name="ernie", standalone_mode=False)
         code = result if isinstance(result, int) else 0
-    except _errors("NoArgsIsHelpError"):  # `ernie` alone: typer has printed the help already
+    except _errors("NoArgsIsHelpError") as exc:  # `ernie` alone: the help, as a usage error
+        exc.show()
         code = 2
     except _errors("UsageError") as exc:
         exc.show()

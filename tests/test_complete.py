@@ -293,6 +293,20 @@ def test_bare_ernie_shows_help_and_is_a_usage_error():
     assert b"complete" in proc.stdout + proc.stderr and b"Traceback" not in proc.stderr and b"error:" not in proc.stderr
 
 
+@pytest.mark.parametrize("command, texts", [
+    ("complete", ["[default: generation_config.json, else 0.8]", "[id, logprob] pairs", "[default: the model's]"]),
+    ("bench", ["[default: torch's, usually the physical cores]"]),
+    ("quantize", ["[default: all, ~4600]"]),
+])
+def test_help_prints_the_bracketed_defaults(command, texts):
+    """Help text is printed as written: Rich markup used to swallow "[default: ...]" as a tag."""
+    proc = subprocess.run([sys.executable, "-m", "ernie_cli", command, "--help"], capture_output=True, env=dict(ENV, COLUMNS="300"), timeout=60)
+    assert proc.returncode == 0
+    flat = " ".join(proc.stdout.decode().split())
+    for text in texts:
+        assert text in flat
+
+
 def test_sampling_defaults_come_from_generation_config(model_dir, tmp_path):
     """ERNIE Base's generation_config.json says temperature 0.8, top_p 0.8; flags override it."""
     raw = json.loads((model_dir / "generation_config.json").read_text())
