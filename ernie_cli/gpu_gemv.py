@@ -29,17 +29,22 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (bf16, fp16, fp32)
 ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant
+# Which int4 kernel one-token products use: "bytes" (_gemv) or "words" (_gemv_int4). The word kernel is
+# 1.4-1.5x faster alone and made 8-layer int4 decode 23% faster, but the full 28-layer model decoded
+# 4% slower with it (docs/performance.md, sixth session), so it is opt-in until that is understood.
+INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
 
 
 def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
     """For this one-token input: on CUDA, with Triton, not turned off (ERNIE_TRITON=0 keeps the
-    compiled multiply-and-sum form, for comparison), and an int4 group the kernel's blocks hold."""
+    compiled multiply-and-sum form, for comparison), and an int4 group the kernel's blocks hold (the
+    word kernel also needs whole 32-bit words: K a multiple of 8)."""
     return (
         triton is not None
         and x.is_cuda
         and x.shape[0] == 1
         and ENABLED
-        and (fmt != "int4" or (group_size in (32, 64, 128) and x.shape[-1] % 8 == 0))
+        and (fmt != "int4" or (group_size in (32, 64, 128) and (INT4_KERNEL == "bytes" or x.shape[-1] % 8 == 0)))
     )
 
 
@@ -92,9 +97,9 @@ if triton is not None:
         # nibble i in bits 4i..4i+3), and nibble i is turned into a float where it lies, q * 16^j (j = i,
         # or i - 3 for nibbles 5-7, read from the word shifted 12 bits down): one AND and one
         # int-to-float, with x scaled by 16^-j instead. x is read once per program and step, one vector
-        # per nibble, and broadcast over the rows; a group's words are summed in registers. The
-        # byte-wise loop this replaced spent about 12 SASS instructions a weight (one-byte loads with a
-        # mask each, layout shuffles); this one about 4.3 (docs/performance.md, sixth session).
+        # per nibble, and broadcast over the rows; a group's words are summed in registers. The byte
+        # loop (_gemv) spends about 12 SASS instructions a weight (one-byte loads with a mask each,
+        # layout shuffles); this one about 4.3 (docs/performance.md, sixth session).
         pid_n = tl.program_id(0)
         slot = tl.program_id(1)
         if HAS_IDX:
@@ -212,19 +217,13 @@ if triton is not None:
         tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-# Which int4 kernel one-token products use: "bytes" (_gemv) or "words" (_gemv_int4). The word kernel is
-# 1.3-1.5x faster alone and made 8-layer int4 decode 23% faster, but the full 28-layer model decoded
-# 4% slower with it (docs/performance.md, sixth session), so it is opt-in until that is understood.
-INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
-
-
 def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=None, group_size: int = 64,
          experts: torch.Tensor | None = None, per_expert_x: bool = False,
          block: tuple[int, int] | None = None) -> torch.Tensor:
     """One token: x [K] (or [P, K] with per_expert_x) against weight [N, K] or the experts `experts`
     [P] of a stack [E, N, K] (int4: [.., N, K/2]) -> [P, N] in x's dtype (P = 1 without experts).
 
-    int4 needs K a multiple of 8 and a group size of 32, 64 or 128 (usable() checks both).
+    int4 needs a group size of 32, 64 or 128, and the word kernel K a multiple of 8 (usable() checks).
     block=(BLOCK_N, BLOCK_K) skips the tuner (tests under TRITON_INTERPRET, benchmarks)."""
     x = x.contiguous()
     n = weight.shape[-2]
