@@ -8,7 +8,9 @@ walks K in BLOCK_K steps, turns the bytes into float32 in registers, and reduces
 
 Weights are the disk layouts of ernie_cli.quant.formats (int8 [.., N, K] with one scale per row;
 int4 [.., N, K/2] with column 2j in the low nibble and a scale and zero per group: W = (q-8)s + z),
-so nothing is repacked. int4 uses sum_k W_k x_k = sum_g s_g <q - 8, x>_g + z_g sum_g(x).
+so nothing is repacked. int4 uses sum_k W_k x_k = sum_g s_g <q - 8, x>_g + z_g sum_g(x). Two int4
+kernels read those bytes: _gemv a byte at a time (the default) and _gemv_int4 as 32-bit words
+(ERNIE_INT4_GEMV=words; see INT4_KERNEL for why it is not the default).
 
 Callable from code that torch.compile captures (user-defined Triton kernels are traced), and the
 launch has static shapes, so the decode step stays one CUDA graph.
