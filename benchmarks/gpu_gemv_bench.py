@@ -4,7 +4,8 @@ magic-number form here; the table is in docs/performance.md.)
 
 Usage (GPU machine): python benchmarks/gpu_gemv_bench.py [FORMAT ...]   (default: float int8 int4)
 A FORMAT ending in + (int8+) lets the tuner of the float/int8 kernel also try the WIDER block shapes;
-int4:bytes runs the byte-wise int4 loop that _gemv_int4 replaced. The chosen shape of every row is
+int4 times the word kernel (_gemv_int4, ERNIE_INT4_GEMV=words in the product) and int4:bytes the
+byte loop (the product's default), as in device rounds 24-26. The chosen shape of every row is
 printed.
 Each row captures 100 calls in one CUDA graph and reports the median over 20 replays, per call. Calls
 rotate over enough weight copies (or expert sets) that more than 300 MB is read between repeats, so
@@ -76,7 +77,7 @@ def main():
     for name in sys.argv[1:] or ("float", "int8", "int4"):
         fmt, wider = name.rstrip("+"), name.endswith("+")  # int8+: the tuner also tries WIDER
         fmt, _, form = fmt.partition(":")
-        gpu_gemv.INT4_KERNEL = form or "words"
+        gpu_gemv.INT4_KERNEL = form or "words"  # kept as rounds 24-26 ran it, not the product's default
         gpu_gemv._gemv = triton.autotune(configs=gpu_gemv._configs() + (WIDER if wider else []), key=["N", "K", "P", "FMT"])(KERNEL)
         for label, shape, k, per in MATRICES:
             one, total = make(fmt, shape)
