@@ -5,7 +5,8 @@ magic-number form here; the table is in docs/performance.md.)
 Usage (GPU machine): python benchmarks/gpu_gemv_bench.py [FORMAT ...]   (default: float int8 int4)
 A FORMAT ending in + (int8+) lets the tuner of the float/int8 kernel also try the WIDER block shapes;
 int4 times the word kernel (_gemv_int4, ERNIE_INT4_GEMV=words in the product) and int4:bytes the
-byte loop (the product's default), as in device rounds 24-26. The chosen shape of every row is
+byte loop (the product's default), as in device rounds 24-26; int8:dp4a and int4:dp4a time
+_gemv_dp4a (x rounded to int8, ERNIE_DP4A=1 in the product). The chosen shape of every row is
 printed.
 Each row captures 100 calls in one CUDA graph and reports the median over 20 replays, per call. Calls
 rotate over enough weight copies (or expert sets) that more than 300 MB is read between repeats, so
@@ -77,7 +78,8 @@ def main():
     for name in sys.argv[1:] or ("float", "int8", "int4"):
         fmt, wider = name.rstrip("+"), name.endswith("+")  # int8+: the tuner also tries WIDER
         fmt, _, form = fmt.partition(":")
-        gpu_gemv.INT4_KERNEL = form or "words"  # kept as rounds 24-26 ran it, not the product's default
+        gpu_gemv.DP4A = form == "dp4a"
+        gpu_gemv.INT4_KERNEL = form if form in ("bytes", "words") else "words"  # plain int4: as rounds 24-26 ran it
         gpu_gemv._gemv = triton.autotune(configs=gpu_gemv._configs() + (WIDER if wider else []), key=["N", "K", "P", "FMT"])(KERNEL)
         for label, shape, k, per in MATRICES:
             one, total = make(fmt, shape)
@@ -96,7 +98,8 @@ def main():
                 for i in range(CALLS)
             ]
             rows.append((name, label, read / 1e6, graph_us(calls)))
-            picked.append(f"{name} {label}: {(gpu_gemv._gemv_int4 if words else gpu_gemv._gemv).best_config}")
+            tuner = gpu_gemv._gemv_dp4a if gpu_gemv.DP4A else gpu_gemv._gemv_int4 if words else gpu_gemv._gemv
+            picked.append(f"{name} {label}: {tuner.best_config}")
             copies = one = None
             torch.cuda.empty_cache()
     print("\n".join(picked))

@@ -35,6 +35,11 @@ ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile
 # 1.4-1.5x faster alone and made 8-layer int4 decode 23% faster, but the full 28-layer model decoded
 # 4% slower with it (docs/performance.md, sixth session), so it is opt-in until that is understood.
 INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
+# int8 and int4 weights against x rounded to int8 (one scale per 64 columns, or per int4 group), summed
+# four products at a time by the dp4a instruction (_gemv_dp4a). Opt-in while it is measured.
+DP4A = os.environ.get("ERNIE_DP4A", "0") == "1"
+# The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
+_EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
@@ -47,6 +52,7 @@ def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
         and x.shape[0] == 1
         and ENABLED
         and (fmt != "int4" or (group_size in (32, 64, 128) and (INT4_KERNEL == "bytes" or x.shape[-1] % 8 == 0)))
+        and (not (DP4A and fmt != "float") or x.shape[-1] % 8 == 0)
     )
 
 
@@ -55,6 +61,11 @@ def usable_eagerly(x: torch.Tensor) -> bool:
     not turned off by ERNIE_TRITON=0, and not being traced by torch.compile (Inductor fuses that
     work itself)."""
     return triton is not None and x.is_cuda and ENABLED and not torch.compiler.is_compiling()
+
+
+def uses_dp4a(fmt: str) -> bool:
+    """Whether gemv() rounds x to int8 for this weight format (ERNIE_DP4A=1; float weights never)."""
+    return DP4A and fmt in ("int8", "int4")
 
 
 if triton is not None:
@@ -155,6 +166,97 @@ if triton is not None:
         y = tl.sum(acc, 1)
         tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
+    @triton.jit
+    def _dp4a(a, b, c, EMULATE: tl.constexpr):
+        # c + the sum of the four byte products of a and b, bytes read as signed. One instruction on
+        # sm_61 and later; the interpreter gets the same arithmetic spelled out.
+        if EMULATE:
+            for j in tl.static_range(4):
+                c += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
+            return c
+        else:
+            return tl.inline_asm_elementwise(
+                "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.autotune(configs=_int4_configs(), key=["N", "KW", "P", "FMT"], **_keep)
+    @triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+    @triton.jit
+    def _gemv_dp4a(
+        x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+        N, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
+        KW: tl.constexpr, FMT: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_IDX: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr, EMULATE: tl.constexpr,
+    ):
+        # Why this shape: the float kernels spend 4-12 instructions a weight turning codes into floats
+        # (docs/performance.md), so int8 and int4 GEMVs were bound by instructions, not by memory. Here
+        # x is rounded to int8 in registers (one scale per group of GROUP_WORDS words: the int4 group,
+        # or 64 columns for int8), packed four to a 32-bit word in the order the weight's bytes lie, and
+        # one dp4a multiplies and sums four weights: an int8 word is four columns; an int4 word is eight
+        # (nibble 2b is column 8c+2b, nibble 2b+1 column 8c+2b+1), split into even and odd nibbles by
+        # two ANDs. Integer sums are exact; the only new error is x's rounding (2^-8 of a group's
+        # largest |x|), as llama.cpp's q8_1 activations. Every program rounds x itself: a separate
+        # kernel would cost a launch per product, which is more than the rounding.
+        pid_n = tl.program_id(0)
+        slot = tl.program_id(1)
+        if HAS_IDX:
+            e = tl.load(idx_ptr + slot).to(tl.int64)
+        else:
+            e = 0
+        NGW: tl.constexpr = BLOCK_W // GROUP_WORDS
+        EVEN: tl.constexpr = KW % BLOCK_W == 0
+        COLS: tl.constexpr = 8 if FMT == 2 else 4  # columns a word holds
+        G: tl.constexpr = (KW + GROUP_WORDS - 1) // GROUP_WORDS  # int4: the last group may be partial
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
+        x_base = x_ptr + slot * x_slot_stride
+        c = tl.arange(0, BLOCK_W)
+        gi = tl.arange(0, NGW)
+        zero = tl.zeros((BLOCK_N, BLOCK_W), tl.int32)
+        j = tl.arange(0, COLS)
+        shift = 4 * (j - j % 2) if FMT == 2 else 8 * j  # where column j's byte goes in its packed word
+        acc = tl.zeros((BLOCK_N, NGW), tl.float32)
+        for w0 in range(0, KW, BLOCK_W):
+            cw = w0 + c
+            if EVEN and EVEN_N:
+                ok = tl.full((BLOCK_N, BLOCK_W), 1, tl.int1)
+                x_ok = tl.full((BLOCK_W,), 1, tl.int1)
+            else:
+                x_ok = cw < KW
+                ok = row_ok[:, None] & x_ok[None, :]
+            p = tl.load(w_base + cw[None, :], mask=ok, other=0)
+            # x as [words, columns]: each word's columns are 8 or 16 contiguous bytes, one vector load
+            xt = tl.load(x_base + COLS * cw[:, None] + j[None, :], mask=x_ok[:, None], other=0.0).to(tl.float32)
+            gmax = tl.max(tl.reshape(tl.max(tl.abs(xt), 1), (NGW, GROUP_WORDS)), 1)
+            inv = tl.where(gmax > 0, 127.0 / gmax, 0.0)
+            inv_w = tl.reshape(tl.broadcast_to(inv[:, None], (NGW, GROUP_WORDS)), (BLOCK_W,))
+            # nearest-even rounding of x * inv (|x * inv| <= 127) by adding 1.5 * 2^23: no conversion
+            q = (xt * inv_w[:, None] + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+            byte = (q & 255) << shift[None, :]  # bytes of different columns never overlap: sum = or
+            dx = gmax / 127.0
+            if FMT == 2:
+                even = tl.sum(tl.where(j[None, :] % 2 == 0, byte, 0), 1)
+                odd = tl.sum(tl.where(j[None, :] % 2 == 1, byte, 0), 1)
+                d = _dp4a(p & 0x0F0F0F0F, even[None, :], zero, EMULATE)
+                d = _dp4a((p >> 4) & 0x0F0F0F0F, odd[None, :], d, EMULATE)
+                dg = tl.sum(tl.reshape(d, (BLOCK_N, NGW, GROUP_WORDS)), 2)
+                qsum = tl.sum(tl.reshape(tl.sum(q, 1), (NGW, GROUP_WORDS)), 1)
+                xsum = tl.sum(tl.reshape(tl.sum(xt, 1), (NGW, GROUP_WORDS)), 1)
+                g = w0 // GROUP_WORDS + gi
+                gok = row_ok[:, None] & (g < G)[None, :]
+                s = tl.load(s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride + g[None, :], mask=gok, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride + g[None, :], mask=gok, other=0.0).to(tl.float32)
+                # sum (q - 8) x = dx (sum q x8 - 8 sum x8) per group; the zeros meet x's exact sums
+                acc += s * (dx[None, :] * (dg - 8 * qsum[None, :]).to(tl.float32)) + z * xsum[None, :]
+            else:
+                d = _dp4a(p, tl.sum(byte, 1)[None, :], zero, EMULATE)
+                dg = tl.sum(tl.reshape(d, (BLOCK_N, NGW, GROUP_WORDS)), 2)
+                acc += dx[None, :] * dg.to(tl.float32)
+        y = tl.sum(acc, 1)
+        if FMT == 1:
+            y = y * tl.load(s_ptr + e * s_expert_stride + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
     @triton.autotune(configs=_configs(), key=["N", "K", "P", "FMT"], **_keep)
     @triton.jit
     def _gemv(
@@ -237,6 +339,18 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     s_stride = scales.stride(0) if (stacked and scales is not None) else 0
     dummy = weight  # unused pointer arguments still need a tensor
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p)  # noqa: E731
+    if uses_dp4a(fmt):
+        cols = 8 if fmt == "int4" else 4
+        words = weight.view(torch.int32)
+        fixed = {} if block is None else {"BLOCK_N": block[0], "BLOCK_W": block[1] // cols}
+        (_gemv_dp4a if block is None else _gemv_dp4a.fn)[grid](
+            x, k if per_expert_x else 0, experts if experts is not None else dummy, words, scales,
+            zeros if zeros is not None else dummy, out,
+            n, p, w_stride // 4, s_stride, words.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
+            KW=k // cols, FMT=FORMATS[fmt], GROUP_WORDS=(group_size if fmt == "int4" else 64) // cols,
+            HAS_IDX=experts is not None, EMULATE=_EMULATE_DP4A, **fixed,
+        )
+        return out
     if fmt == "int4" and INT4_KERNEL != "bytes":
         words = weight.view(torch.int32)
         kernel, fixed = (_gemv_int4, {}) if block is None else (_gemv_int4.fn, {"BLOCK_N": block[0], "BLOCK_W": block[1] // 8})

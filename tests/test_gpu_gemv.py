@@ -58,6 +58,46 @@ def test_experts_and_single_matrices_against_float64(fmt, group, int4_kernel, dt
     _assert_close(y[0], x1.double() @ w[2].T, x1, w[2], rounding)
 
 
+def _x_as_int8(x, group):
+    """x rounded as _gemv_dp4a rounds it: per group of columns, scale = max |x| / 127 in float32,
+    codes = x * (127 / max |x|) to nearest-even. -> (scale per column, codes), float64."""
+    k = x.shape[-1]
+    g = -(-k // group)
+    xp = torch.zeros(g * group)
+    xp[:k] = x.float()
+    gmax = xp.view(g, group).abs().amax(1)
+    inv = torch.where(gmax > 0, 127.0 / gmax, torch.zeros_like(gmax))
+    codes = torch.round(xp.view(g, group) * inv[:, None]).view(-1)[:k]
+    return (gmax / 127.0).repeat_interleave(group)[:k].double(), codes.double()
+
+
+@pytest.mark.parametrize("fmt, group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("dtype, rounding", [(torch.float32, 0.0), (torch.bfloat16, 2.0**-8)])
+@pytest.mark.parametrize("n, k", [(200, 392), (256, 1024), (37, 24)])
+def test_dp4a_kernel_within_the_error_of_rounding_x_to_int8(fmt, group, dtype, rounding, n, k, monkeypatch):
+    """_gemv_dp4a (ERNIE_DP4A=1) rounds x to int8 per group (the int4 group; 64 columns for int8).
+    Two float64 references: the exact product, which it must meet within the worst case of that
+    rounding (half a step of each column's group scale times |w|, summed); and the product with x
+    replaced by its int8 codes (the zeros of int4 meet x's exact group sums), which it must meet as
+    the float kernels meet theirs, plus two steps of slack for a rounding tie decided the other way."""
+    monkeypatch.setattr(gpu_gemv, "DP4A", True)
+    args, w = _weights(fmt, (6, n, k), group or 64, seed=3)
+    zeros = None if fmt == "int8" else args["zeros"].double().cpu().repeat_interleave(group, -1)[..., :k]
+    experts = torch.tensor([5, 0, 3, 3], device="cuda")
+    gen = torch.Generator().manual_seed(4)
+    xs = torch.randn(4, k, generator=gen).to(dtype)
+    y = gpu_gemv.gemv(fmt, xs.cuda(), experts=experts, per_expert_x=True, **args).double().cpu()
+    for p, e in enumerate(experts.tolist()):
+        x, we = xs[p].double(), w[e]
+        step, codes = _x_as_int8(xs[p], group or 64)
+        exact = x @ we.T
+        as_codes = (step * codes) @ we.T + (0 if zeros is None else (x - step * codes) @ zeros[e].T)
+        out_rounding = rounding * torch.maximum(exact.abs(), as_codes.abs())
+        summing = 1e-5 * (x.abs() @ we.abs().T) + 1e-7 + out_rounding
+        assert ((y[p] - exact).abs() <= 0.5 * (we.abs() @ step) + summing).all()
+        assert ((y[p] - as_codes).abs() <= 2 * (we.abs() * step).amax(1) + summing).all()
+
+
 @pytest.mark.parametrize("experts, k", [(64, 6), (8, 2), (5, 3)])
 def test_router_kernel_picks_and_weighs_like_torch(experts, k):
     """gpu_router against the float32 torch arithmetic of model.Router: the same experts in the same

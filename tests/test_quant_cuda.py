@@ -19,8 +19,13 @@ def _kl(p, q):
     return (p.exp() * (p - q)).sum(-1)
 
 
+@pytest.mark.parametrize("dp4a", [False, True])
 @pytest.mark.parametrize("fmt, group", [("int8", None), ("int4", 32), ("int4", 64)])
-def test_cuda_and_cpu_agree_on_the_same_checkpoint(checkpoints, tmp_path, fmt, group):
+def test_cuda_and_cpu_agree_on_the_same_checkpoint(checkpoints, tmp_path, fmt, group, dp4a, monkeypatch):
+    """dp4a: one-token products round x to int8 (gpu_gemv.DP4A); the same bounds must hold."""
+    from ernie_cli import gpu_gemv
+
+    monkeypatch.setattr(gpu_gemv, "DP4A", dp4a)
     src, _ = checkpoints("moe")
     out = tmp_path / "q"
     quantize_checkpoint(src, out, QuantSpec.make(fmt, group))
