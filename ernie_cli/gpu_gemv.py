@@ -8,9 +8,9 @@ walks K in BLOCK_K steps, turns the bytes into float32 in registers, and reduces
 
 Weights are the disk layouts of ernie_cli.quant.formats (int8 [.., N, K] with one scale per row;
 int4 [.., N, K/2] with column 2j in the low nibble and a scale and zero per group: W = (q-8)s + z),
-so nothing is repacked. int4 uses sum_k W_k x_k = sum_g s_g <q - 8, x>_g + z_g sum_g(x). Two int4
-kernels read those bytes: _gemv a byte at a time (the default) and _gemv_int4 as 32-bit words
-(ERNIE_INT4_GEMV=words; see INT4_KERNEL for why it is not the default).
+so nothing is repacked. int4 uses sum_k W_k x_k = sum_g s_g <q - 8, x>_g + z_g sum_g(x). By default
+int8 and int4 weights meet x rounded to int8 (_gemv_dp4a, see DP4A); with ERNIE_DP4A=0 they meet
+bf16 x in _gemv (int4 a byte at a time) or, with ERNIE_INT4_GEMV=words, _gemv_int4 (32-bit words).
 
 Callable from code that torch.compile captures (user-defined Triton kernels are traced), and the
 launch has static shapes, so the decode step stays one CUDA graph.
@@ -36,8 +36,10 @@ ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile
 # 4% slower with it (docs/performance.md, sixth session), so it is opt-in until that is understood.
 INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
 # int8 and int4 weights against x rounded to int8 (one scale per 64 columns, or per int4 group), summed
-# four products at a time by the dp4a instruction (_gemv_dp4a). Opt-in while it is measured.
-DP4A = os.environ.get("ERNIE_DP4A", "0") == "1"
+# four products at a time by the dp4a instruction (_gemv_dp4a): full-model int4 decode 320 -> 450 tok/s,
+# int8 412 -> 421 (docs/performance.md, seventh session). ERNIE_DP4A=0 keeps x in bf16 (the float
+# kernels below), for comparison or where the rounding of x matters more than speed.
+DP4A = os.environ.get("ERNIE_DP4A", "1") != "0"
 # The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
 _EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -52,7 +54,6 @@ def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
         and x.shape[0] == 1
         and ENABLED
         and (fmt != "int4" or (group_size in (32, 64, 128) and (INT4_KERNEL == "bytes" or x.shape[-1] % 8 == 0)))
-        and (not (DP4A and fmt != "float") or x.shape[-1] % 8 == 0)
     )
 
 
@@ -63,9 +64,10 @@ def usable_eagerly(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and ENABLED and not torch.compiler.is_compiling()
 
 
-def uses_dp4a(fmt: str) -> bool:
-    """Whether gemv() rounds x to int8 for this weight format (ERNIE_DP4A=1; float weights never)."""
-    return DP4A and fmt in ("int8", "int4")
+def uses_dp4a(fmt: str, k: int) -> bool:
+    """Whether gemv() rounds x to int8 for this weight format and K: int8 or int4 weights, K in whole
+    words of either (a multiple of 8), and not turned off by ERNIE_DP4A=0."""
+    return DP4A and fmt in ("int8", "int4") and k % 8 == 0
 
 
 if triton is not None:
@@ -195,7 +197,8 @@ if triton is not None:
         # (nibble 2b is column 8c+2b, nibble 2b+1 column 8c+2b+1), split into even and odd nibbles by
         # two ANDs. Integer sums are exact; the only new error is x's rounding (2^-8 of a group's
         # largest |x|), as llama.cpp's q8_1 activations. Every program rounds x itself: a separate
-        # kernel would cost a launch per product, which is more than the rounding.
+        # kernel would cost a launch per product. That replicated work is why matrices of few rows
+        # per program (int8's shared experts) ran slower here than in _gemv (round 33).
         pid_n = tl.program_id(0)
         slot = tl.program_id(1)
         if HAS_IDX:
@@ -339,7 +342,7 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     s_stride = scales.stride(0) if (stacked and scales is not None) else 0
     dummy = weight  # unused pointer arguments still need a tensor
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p)  # noqa: E731
-    if uses_dp4a(fmt):
+    if uses_dp4a(fmt, k):
         cols = 8 if fmt == "int4" else 4
         words = weight.view(torch.int32)
         fixed = {} if block is None else {"BLOCK_N": block[0], "BLOCK_W": block[1] // cols}

@@ -38,7 +38,8 @@ FORMS = [("float", 0, ""), ("int8", 0, "")] + [("int4", g, kernel) for g in (32,
 def test_experts_and_single_matrices_against_float64(fmt, group, int4_kernel, dtype, rounding, n, k, monkeypatch):
     """Both int4 kernels (gpu_gemv.INT4_KERNEL). 200 x 392: N and K/8 multiples of no block, so every
     load is masked, and the last int4 group is partial; 256 x 1024: the word kernel's unmasked loop
-    (K/8 a multiple of 64 words, N of every BLOCK_N)."""
+    (K/8 a multiple of 64 words, N of every BLOCK_N). x stays in x's dtype (ERNIE_DP4A=0)."""
+    monkeypatch.setattr(gpu_gemv, "DP4A", False)
     if int4_kernel:
         monkeypatch.setattr(gpu_gemv, "INT4_KERNEL", int4_kernel)
     e_count = 6
