@@ -87,6 +87,18 @@ if triton is not None:
     # process does not time every configuration again (it cost seconds of every start).
     _keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
+    @triton.jit
+    def _program_rows(idx_ptr, N, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr):
+        # The grid is (blocks of BLOCK_N rows, slots): slot p multiplies expert idx[p] (or the one
+        # matrix) by its x and writes output row p.
+        slot = tl.program_id(1)
+        if HAS_IDX:
+            e = tl.load(idx_ptr + slot).to(tl.int64)
+        else:
+            e = 0
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return slot, e, rows, rows < N
+
     def _int4_configs():
         # BLOCK_W = 64 words divides K/8 of every 21B-A3B matrix (2560, 1536, 3072 and 12288 columns), so
         # its loads carry no masks. More rows a program put more bytes in flight for the same x loads;
@@ -115,17 +127,10 @@ if triton is not None:
         # per nibble, and broadcast over the rows; a group's words are summed in registers. The byte
         # loop (_gemv) spends about 12 SASS instructions a weight (one-byte loads with a mask each,
         # layout shuffles); this one about 4.3 (docs/performance.md, sixth session).
-        pid_n = tl.program_id(0)
-        slot = tl.program_id(1)
-        if HAS_IDX:
-            e = tl.load(idx_ptr + slot).to(tl.int64)
-        else:
-            e = 0
+        slot, e, rows, row_ok = _program_rows(idx_ptr, N, BLOCK_N, HAS_IDX)
         NGW: tl.constexpr = BLOCK_W // GROUP_WORDS
         G: tl.constexpr = (K8 + GROUP_WORDS - 1) // GROUP_WORDS  # the last group may be partial
         EVEN: tl.constexpr = K8 % BLOCK_W == 0
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
         w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
         s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
         z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
@@ -199,18 +204,11 @@ if triton is not None:
         # largest |x|), as llama.cpp's q8_1 activations. Every program rounds x itself: a separate
         # kernel would cost a launch per product. That replicated work is why matrices of few rows
         # per program (int8's shared experts) ran slower here than in _gemv (round 33).
-        pid_n = tl.program_id(0)
-        slot = tl.program_id(1)
-        if HAS_IDX:
-            e = tl.load(idx_ptr + slot).to(tl.int64)
-        else:
-            e = 0
+        slot, e, rows, row_ok = _program_rows(idx_ptr, N, BLOCK_N, HAS_IDX)
         NGW: tl.constexpr = BLOCK_W // GROUP_WORDS
         EVEN: tl.constexpr = KW % BLOCK_W == 0
         COLS: tl.constexpr = 8 if FMT == 2 else 4  # columns a word holds
         G: tl.constexpr = (KW + GROUP_WORDS - 1) // GROUP_WORDS  # int4: the last group may be partial
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
         w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
         x_base = x_ptr + slot * x_slot_stride
         c = tl.arange(0, BLOCK_W)
@@ -268,14 +266,7 @@ if triton is not None:
         FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        pid_n = tl.program_id(0)
-        slot = tl.program_id(1)
-        if HAS_IDX:
-            e = tl.load(idx_ptr + slot).to(tl.int64)
-        else:
-            e = 0
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+        slot, e, rows, row_ok = _program_rows(idx_ptr, N, BLOCK_N, HAS_IDX)
         x_base = x_ptr + slot * x_slot_stride
         if FMT == 2:
             # The codes are put back in column order in registers (join + reshape) so that x is read
