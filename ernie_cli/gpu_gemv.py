@@ -321,7 +321,8 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     """One token: x [K] (or [P, K] with per_expert_x) against weight [N, K] or the experts `experts`
     [P] of a stack [E, N, K] (int4: [.., N, K/2]) -> [P, N] in x's dtype (P = 1 without experts).
 
-    int4 needs a group size of 32, 64 or 128, and the word kernel K a multiple of 8 (usable() checks).
+    int4 needs a group size of 32, 64 or 128, and the word kernel K a multiple of 8 (usable() checks);
+    int8 and int4 go through the dp4a kernel where uses_dp4a() says so, else through the float kernels.
     block=(BLOCK_N, BLOCK_K) skips the tuner (tests under TRITON_INTERPRET, benchmarks)."""
     x = x.contiguous()
     n = weight.shape[-2]
