@@ -45,7 +45,8 @@ def main() -> None:
         for fmt, group in (("int8", None), ("int4", 64)):
             out = Path(tmp) / fmt
             quantize_checkpoint(src, out, QuantSpec.make(fmt, group))
-            rows += [(fmt + (f" g{group}" if group else ""), out, False), (fmt + (f" g{group}" if group else ""), out, True)]
+            name = fmt + (f" g{group}" if group else "")
+            rows += [(name, out, False), (name, out, True)]
         for name, path, dp4a in rows:
             gpu_gemv.DP4A = dp4a
             _, dec = run(load_model(path, "cuda", torch.bfloat16), ids, STEPS)
