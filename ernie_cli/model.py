@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernie_cli import gpu_elementwise, gpu_gemv, gpu_router
+from ernie_cli import gpu_attention, gpu_elementwise, gpu_gemv, gpu_router
 from ernie_cli.config import ErnieConfig
 
 
@@ -189,9 +189,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         if isinstance(start, torch.Tensor):
             k, v = self.cache.write_at(start, k, v)
-            # Static shapes for the CUDA graph: attend over the whole buffer, masking unfilled slots.
-            mask = (torch.arange(k.shape[2], device=x.device) <= start)[None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            if gpu_attention.usable(q, k):  # reads only the filled slots, the length taken from start
+                out = gpu_attention.decode(q, k, v, start, self.scale)
+            else:  # static shapes for the CUDA graph: attend over the whole buffer, masking unfilled slots
+                mask = (torch.arange(k.shape[2], device=x.device) <= start)[None, :]
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         else:
             if self.cache is not None:
                 k, v = self.cache.update(start, k, v)
