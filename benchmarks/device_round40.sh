@@ -6,10 +6,10 @@
 #   ERNIE_INT8_DP4A=all           dp4a for every int8 product (wip/int8-dp4a-selective off)
 # benchmarks/device_round41.sh then runs the full model.
 set -u
+START=$(date +%s)
 source benchmarks/device_env.sh
 exec > >(tee $OUT/log.txt) 2>&1
 nvidia-smi --query-gpu=name --format=csv,noheader
-START=$(date +%s)
 B="python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -o json --compile on -p 0 -n 128 -r 5 --layers 8"
 run() { name=$1; shift; s=$(date +%s); timeout $1 "${@:2}" > $OUT/$name.json 2> $OUT/$name.err; echo -n "$name ($(( $(date +%s) - s )) s): "; python3 -c "
 import json,statistics
