@@ -100,6 +100,15 @@ def decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: t
            block_s: int = 64) -> torch.Tensor:
     """q [1, H, 1, D] of the token at position pos (a one-element device tensor) against the cache
     [1, KV, capacity, D], whose slots 0..pos are filled -> [1, H, 1, D] in q's dtype."""
+    return decode_op(q, cache_k, cache_v, pos, scale, block_s)
+
+
+# An operator, opaque to Dynamo: traced as plain Triton calls, the 8-layer decode graph failed to
+# compile on the device (round 40), while the kernels passed their tests eagerly. Inside the CUDA
+# graph the operator costs nothing more: the graph replays its two launches.
+@torch.library.custom_op("ernie::decode_attention", mutates_args=())
+def decode_op(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor, scale: float,
+              block_s: int) -> torch.Tensor:
     _, heads, _, dim = q.shape
     kv = cache_k.shape[1]
     group = heads // kv
@@ -111,6 +120,11 @@ def decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: t
         q2, cache_k, cache_v, pos, m, l, acc, scale, cache_k.stride(1),
         GROUP=group, D=dim, SPLITS=SPLITS, QROWS=QROWS, BLOCK_S=block_s, F32=_DOT_IN_FLOAT32,
     )
-    out = torch.empty((heads, dim), device=q.device, dtype=q.dtype)
+    out = torch.empty((1, heads, 1, dim), device=q.device, dtype=q.dtype)
     _combine[(heads,)](m, l, acc, out, GROUP=group, D=dim, SPLITS=SPLITS, QROWS=QROWS)
-    return out.view(1, heads, 1, dim)
+    return out
+
+
+@decode_op.register_fake
+def _(q, cache_k, cache_v, pos, scale, block_s):
+    return q.new_empty(q.shape)

@@ -48,3 +48,36 @@ def test_decode_attention_against_float64_and_sdpa(heads, kv, dim, capacity, len
     mask = (torch.arange(capacity, device="cuda") < length)[None, :]
     sdpa = F.scaled_dot_product_attention(q.cuda(), filled_k.cuda(), filled_v.cuda(), attn_mask=mask, scale=scale, enable_gqa=True)
     assert ((out - sdpa[0, :, 0].double().cpu()).abs() <= 2 * bound).all()
+
+
+class _Step(torch.nn.Module):
+    """The decode step's use of the kernels: write the new key and value at pos, attend to 0..pos."""
+
+    def __init__(self, kv, capacity, dim):
+        super().__init__()
+        self.register_buffer("k", torch.full((1, kv, capacity, dim), float("nan"), dtype=torch.bfloat16))
+        self.register_buffer("v", torch.full((1, kv, capacity, dim), float("nan"), dtype=torch.bfloat16))
+
+    def forward(self, q, k_new, v_new, pos):
+        self.k.index_copy_(2, pos, k_new)
+        self.v.index_copy_(2, pos, v_new)
+        return gpu_attention.decode(q, self.k, self.v, pos, q.shape[-1] ** -0.5)
+
+
+def test_compiled_step_reads_the_length_from_the_position_tensor():
+    """Compiled as generate.Decoder compiles the model's step (one CUDA graph, replayed with a new
+    position each token): the graph must read the filled length from pos, not keep the first one.
+    Round 40 found the decode graph failing to compile while the eager tests above passed."""
+    heads, kv, dim, capacity, steps = 20, 4, 128, 256, 70
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(steps, 1, heads, 1, dim, generator=gen).bfloat16()
+    k = torch.randn(steps, 1, kv, 1, dim, generator=gen).bfloat16()
+    v = torch.randn(steps, 1, kv, 1, dim, generator=gen).bfloat16()
+    step = _Step(kv, capacity, dim).cuda()
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    for t in range(steps):
+        pos.fill_(t)
+        out = compiled(q[t].cuda(), k[t].cuda(), v[t].cuda(), pos)[0, :, 0].double().cpu()
+        ref, spread = _reference(q[t], torch.cat(list(k[: t + 1]), 2), torch.cat(list(v[: t + 1]), 2), t + 1, dim**-0.5)
+        assert ((out - ref).abs() <= 2.0**-8 * (spread + ref.abs()) + 1e-5).all(), f"step {t}"
