@@ -40,7 +40,8 @@ INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
 # int8 412 -> 421 (docs/performance.md, seventh session). ERNIE_DP4A=0 keeps x in bf16 (the float
 # kernels below), for comparison or where the rounding of x matters more than speed.
 DP4A = os.environ.get("ERNIE_DP4A", "1") != "0"
-# Temporary, for the device A/B of this branch: ERNIE_SWIGLU_IN_DOWN=0 writes silu(gate) * up with torch ops.
+# The routed experts' down product forms silu(gate) * up while loading x, saving a kernel and a write
+# (round 42: 8-layer int4 +1.8%). ERNIE_SWIGLU_IN_DOWN=0 forms it with torch ops, for comparison.
 SWIGLU_IN_DOWN = os.environ.get("ERNIE_SWIGLU_IN_DOWN", "1") != "0"
 # The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
 _EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -66,18 +67,12 @@ def usable_eagerly(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda and ENABLED and not torch.compiler.is_compiling()
 
 
-# Temporary, for the device A/B of this branch: ERNIE_INT8_DP4A=all rounds x for every int8 product, as on main.
-_INT8_DP4A_ALL = os.environ.get("ERNIE_INT8_DP4A", "selective") == "all"
-
-
-def uses_dp4a(fmt: str, k: int, n: int = 0, experts: bool = False) -> bool:
-    """Whether gemv() rounds x to int8 for this product: int8 or int4 weights, K in whole words of
-    either (a multiple of 8), and not turned off by ERNIE_DP4A=0. int8 only for the routed experts
-    and the head: on the single matrices of a layer every program's share of rounding x cost more
-    than dp4a saved (round 33: shared down 5.1 -> 9.2 µs, k_proj 5.0 -> 7.6)."""
-    if not (DP4A and fmt in ("int8", "int4") and k % 8 == 0):
-        return False
-    return fmt == "int4" or _INT8_DP4A_ALL or experts or n >= 16384
+def uses_dp4a(fmt: str, k: int) -> bool:
+    """Whether gemv() rounds x to int8 for this weight format and K: int8 or int4 weights, K in whole
+    words of either (a multiple of 8), and not turned off by ERNIE_DP4A=0. For int8 on every matrix
+    too: keeping the float kernel on the single matrices, where rounding x costs more than dp4a
+    saves, lost 10% of 8-layer decode (round 42, docs/performance.md)."""
+    return DP4A and fmt in ("int8", "int4") and k % 8 == 0
 
 
 if triton is not None:
@@ -344,7 +339,7 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     x = x.contiguous()
     n = weight.shape[-2]
     k = x.shape[-1] // 2 if swiglu else x.shape[-1]
-    if swiglu and not (SWIGLU_IN_DOWN and uses_dp4a(fmt, k, n, experts is not None)):
+    if swiglu and not (SWIGLU_IN_DOWN and uses_dp4a(fmt, k)):
         gate, up = x.chunk(2, dim=-1)
         x, swiglu = (torch.nn.functional.silu(gate) * up).contiguous(), False
     p = 1 if experts is None else experts.numel()
@@ -354,7 +349,7 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     s_stride = scales.stride(0) if (stacked and scales is not None) else 0
     dummy = weight  # unused pointer arguments still need a tensor
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p)  # noqa: E731
-    if uses_dp4a(fmt, k, n, experts is not None):
+    if uses_dp4a(fmt, k):
         cols = 8 if fmt == "int4" else 4
         words = weight.view(torch.int32)
         fixed = {} if block is None else {"BLOCK_N": block[0], "BLOCK_W": block[1] // cols}
