@@ -33,7 +33,7 @@ TYPES = {  # by parameter name, for every revision's kernels
 }
 NOT_DIVISIBLE = {"s_row_stride", "P"}  # 40 groups a row, 6 experts: no 16-divisibility hint
 CONSTS = {"GROUP": 64, "GROUP_WORDS": 8, "HAS_IDX": 1, "FMT": 2, "K8": K // 8, "X_PER_SLOT": 0, "MAGIC": 0, "EVEN_N": 1,
-          "KW": K // 8, "EMULATE": 0}
+          "KW": K // 8, "EMULATE": 0, "SWIGLU": 0}
 SHAPES = {  # kernel: (BLOCK_N, BLOCK_K in weights, warps)
     "_gemv": [(8, 512, 4), (4, 1024, 4), (32, 256, 4)],
     "_gemv_int4": [(8, 512, 4), (16, 512, 4), (32, 512, 4), (64, 512, 4)],

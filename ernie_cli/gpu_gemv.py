@@ -40,6 +40,9 @@ INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
 # int8 412 -> 421 (docs/performance.md, seventh session). ERNIE_DP4A=0 keeps x in bf16 (the float
 # kernels below), for comparison or where the rounding of x matters more than speed.
 DP4A = os.environ.get("ERNIE_DP4A", "1") != "0"
+# The routed experts' down product forms silu(gate) * up while loading x, saving a kernel and a write
+# (round 42: 8-layer int4 +1.8%). ERNIE_SWIGLU_IN_DOWN=0 forms it with torch ops, for comparison.
+SWIGLU_IN_DOWN = os.environ.get("ERNIE_SWIGLU_IN_DOWN", "1") != "0"
 # The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
 _EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -66,7 +69,9 @@ def usable_eagerly(x: torch.Tensor) -> bool:
 
 def uses_dp4a(fmt: str, k: int) -> bool:
     """Whether gemv() rounds x to int8 for this weight format and K: int8 or int4 weights, K in whole
-    words of either (a multiple of 8), and not turned off by ERNIE_DP4A=0."""
+    words of either (a multiple of 8), and not turned off by ERNIE_DP4A=0. For int8 on every matrix
+    too: keeping the float kernel on the single matrices, where rounding x costs more than dp4a
+    saves, lost 10% of 8-layer decode (round 42, docs/performance.md)."""
     return DP4A and fmt in ("int8", "int4") and k % 8 == 0
 
 
@@ -193,6 +198,7 @@ if triton is not None:
         N, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
         KW: tl.constexpr, FMT: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_IDX: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr, EMULATE: tl.constexpr,
+        SWIGLU: tl.constexpr,
     ):
         # Why this shape: the float kernels spend 4-12 instructions a weight turning codes into floats
         # (docs/performance.md), so int8 and int4 GEMVs were bound by instructions, not by memory. Here
@@ -228,6 +234,9 @@ if triton is not None:
             p = tl.load(w_base + cw[None, :], mask=ok, other=0)
             # x as [words, columns]: each word's columns are 8 or 16 contiguous bytes, one vector load
             xt = tl.load(x_base + COLS * cw[:, None] + j[None, :], mask=x_ok[:, None], other=0.0).to(tl.float32)
+            if SWIGLU:  # x holds gate then up: the input is silu(gate) * up, never written to memory
+                up = tl.load(x_base + KW * COLS + COLS * cw[:, None] + j[None, :], mask=x_ok[:, None], other=0.0)
+                xt = xt * tl.sigmoid(xt) * up.to(tl.float32)
             gmax = tl.max(tl.reshape(tl.max(tl.abs(xt), 1), (NGW, GROUP_WORDS)), 1)
             inv = tl.where(gmax > 0, 127.0 / gmax, 0.0)
             inv_w = tl.reshape(tl.broadcast_to(inv[:, None], (NGW, GROUP_WORDS)), (BLOCK_W,))
@@ -317,16 +326,23 @@ if triton is not None:
 
 def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=None, group_size: int = 64,
          experts: torch.Tensor | None = None, per_expert_x: bool = False,
-         block: tuple[int, int] | None = None) -> torch.Tensor:
+         block: tuple[int, int] | None = None, swiglu: bool = False) -> torch.Tensor:
     """One token: x [K] (or [P, K] with per_expert_x) against weight [N, K] or the experts `experts`
     [P] of a stack [E, N, K] (int4: [.., N, K/2]) -> [P, N] in x's dtype (P = 1 without experts).
+
+    swiglu: x is [.., 2K], gate then up, and the product's input is silu(gate) * up. The dp4a kernel
+    forms it while loading x (a decode step saves the kernel that would write it); the other kernels
+    get it from torch ops first.
 
     int4 needs a group size of 32, 64 or 128, and the word kernel K a multiple of 8 (usable() checks);
     int8 and int4 go through the dp4a kernel where uses_dp4a() says so, else through the float kernels.
     block=(BLOCK_N, BLOCK_K) skips the tuner (tests under TRITON_INTERPRET, benchmarks)."""
     x = x.contiguous()
     n = weight.shape[-2]
-    k = x.shape[-1]
+    k = x.shape[-1] // 2 if swiglu else x.shape[-1]
+    if swiglu and not (SWIGLU_IN_DOWN and uses_dp4a(fmt, k)):
+        gate, up = x.chunk(2, dim=-1)
+        x, swiglu = (torch.nn.functional.silu(gate) * up).contiguous(), False
     p = 1 if experts is None else experts.numel()
     out = torch.empty((p, n), dtype=x.dtype, device=x.device)
     stacked = weight.dim() == 3
@@ -339,11 +355,11 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
         words = weight.view(torch.int32)
         fixed = {} if block is None else {"BLOCK_N": block[0], "BLOCK_W": block[1] // cols}
         (_gemv_dp4a if block is None else _gemv_dp4a.fn)[grid](
-            x, k if per_expert_x else 0, experts if experts is not None else dummy, words, scales,
+            x, x.shape[-1] if per_expert_x else 0, experts if experts is not None else dummy, words, scales,
             zeros if zeros is not None else dummy, out,
             n, p, w_stride // 4, s_stride, words.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
             KW=k // cols, FMT=FORMATS[fmt], GROUP_WORDS=(group_size if fmt == "int4" else 64) // cols,
-            HAS_IDX=experts is not None, EMULATE=_EMULATE_DP4A, **fixed,
+            HAS_IDX=experts is not None, EMULATE=_EMULATE_DP4A, SWIGLU=swiglu, **fixed,
         )
         return out
     if fmt == "int4" and INT4_KERNEL != "bytes":

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernie_cli import gpu_elementwise, gpu_gemv, gpu_router
+from ernie_cli import gpu_attention, gpu_elementwise, gpu_gemv, gpu_router
 from ernie_cli.config import ErnieConfig
 
 
@@ -189,9 +189,11 @@ class Attention(nn.Module):
             q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
         if isinstance(start, torch.Tensor):
             k, v = self.cache.write_at(start, k, v)
-            # Static shapes for the CUDA graph: attend over the whole buffer, masking unfilled slots.
-            mask = (torch.arange(k.shape[2], device=x.device) <= start)[None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            if gpu_attention.usable(q, k):  # reads only the filled slots, the length taken from start
+                out = gpu_attention.decode(q, k, v, start, self.scale)
+            else:  # static shapes for the CUDA graph: attend over the whole buffer, masking unfilled slots
+                mask = (torch.arange(k.shape[2], device=x.device) <= start)[None, :]
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         else:
             if self.cache is not None:
                 k, v = self.cache.update(start, k, v)
@@ -320,12 +322,16 @@ def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor
     return out
 
 
-def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down) -> torch.Tensor:
+def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down, down_takes_gate_up: bool = False) -> torch.Tensor:
     """One token through its k experts with kernels that take all k at once: gate_up(x [H], experts)
-    -> [k, 2I] and down(h [k, I], experts) -> [k, H], each expert's rows read once."""
+    -> [k, 2I] and down(h [k, I], experts) -> [k, H], each expert's rows read once. down_takes_gate_up:
+    down is given [k, 2I] and forms silu(gate) * up itself."""
     experts = idx[0]
-    gate, up = gate_up(x[0], experts).chunk(2, dim=-1)
-    y = down((F.silu(gate) * up).contiguous(), experts)
+    gu = gate_up(x[0], experts)
+    if not down_takes_gate_up:
+        gate, up = gu.chunk(2, dim=-1)
+        gu = (F.silu(gate) * up).contiguous()
+    y = down(gu, experts)
     return (y * weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
 
 

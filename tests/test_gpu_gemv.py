@@ -99,6 +99,29 @@ def test_dp4a_kernel_within_the_error_of_rounding_x_to_int8(fmt, group, dtype, r
         assert ((y[p] - as_codes).abs() <= 2 * (we.abs() * step).amax(1) + summing).all()
 
 
+@pytest.mark.parametrize("fmt, group", [("int8", 0), ("int4", 64)])
+@pytest.mark.parametrize("n, k", [(200, 392), (256, 1536)])
+def test_dp4a_kernel_forms_silu_gate_times_up_itself(fmt, group, n, k, monkeypatch):
+    """swiglu=True: x is [gate, up] per expert and the kernel's input is silu(gate) * up (float64
+    here), held to the same two bounds as above."""
+    monkeypatch.setattr(gpu_gemv, "DP4A", True)
+    monkeypatch.setattr(gpu_gemv, "SWIGLU_IN_DOWN", True)
+    args, w = _weights(fmt, (6, n, k), group or 64, seed=5)
+    zeros = None if fmt == "int8" else args["zeros"].double().cpu().repeat_interleave(group, -1)[..., :k]
+    experts = torch.tensor([1, 4, 4], device="cuda")
+    gu = torch.randn(3, 2 * k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    y = gpu_gemv.gemv(fmt, gu.cuda(), experts=experts, per_expert_x=True, swiglu=True, **args).double().cpu()
+    for p, e in enumerate(experts.tolist()):
+        gate, up = gu[p].double().chunk(2)
+        x, we = torch.nn.functional.silu(gate) * up, w[e]
+        step, codes = _x_as_int8(x, group or 64)
+        exact = x @ we.T
+        as_codes = (step * codes) @ we.T + (0 if zeros is None else (x - step * codes) @ zeros[e].T)
+        summing = 1e-5 * (x.abs() @ we.abs().T) + 1e-7 + 2.0**-8 * torch.maximum(exact.abs(), as_codes.abs())
+        assert ((y[p] - exact).abs() <= 0.5 * (we.abs() @ step) + summing).all()
+        assert ((y[p] - as_codes).abs() <= 2 * (we.abs() * step).amax(1) + summing).all()
+
+
 @pytest.mark.parametrize("experts, k", [(64, 6), (8, 2), (5, 3)])
 def test_router_kernel_picks_and_weighs_like_torch(experts, k):
     """gpu_router against the float32 torch arithmetic of model.Router: the same experts in the same
