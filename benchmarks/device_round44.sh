@@ -18,4 +18,4 @@ for q in int4 int8 bf16; do
   Q=$([ $q = bf16 ] || echo --quantize $q)
   for s in 1 0; do run l8_${q}_shared$s 60 env ERNIE_SHARED_IN_EXPERTS=$s $B $Q; done
 done
-timeout $(( 585 - ($(date +%s) - START) )) python3 -m pytest -q -x -rf --tb=short tests/test_gpu_attention.py tests/test_quant_cuda.py tests/test_gpu_gemv.py -k "compiled or quant_cuda or silu" 2>&1 | tail -5
+timeout $(( 585 - ($(date +%s) - START) )) python3 -m pytest -q -x -rf --tb=short tests/test_gpu_attention.py tests/test_quant_cuda.py tests/test_gpu_gemv.py -k "compiled or quant_cuda or silu or router" 2>&1 | tail -5

@@ -243,16 +243,21 @@ class Router(nn.Module):
         self.top_k, self.norm_min = cfg.num_experts_per_tok, cfg.moe_norm_min
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size, dtype=torch.float32))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32))
+        self.always = 0  # experts after the routed ones that every token takes at weight 1 (MoE.fuse_shared_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.weight)
         if gpu_router.usable(logits):
-            return gpu_router.route(logits, self.e_score_correction_bias, self.top_k, self.norm_min, x.dtype)
+            return gpu_router.route(logits, self.e_score_correction_bias, self.top_k, self.norm_min, x.dtype, self.always)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         _, idx = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1)
         weights = probs.gather(-1, idx)
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
-        return weights.to(x.dtype), idx
+        weights = (weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)).to(x.dtype)
+        if self.always:
+            fixed = torch.arange(logits.shape[-1], logits.shape[-1] + self.always, device=idx.device)
+            idx = torch.cat([idx, fixed.expand(idx.shape[0], -1)], 1)
+            weights = torch.cat([weights, weights.new_ones(idx.shape[0], self.always)], 1)
+        return weights, idx
 
 
 class Experts(nn.Module):
@@ -394,8 +399,7 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         shared = cfg.moe_intermediate_size * cfg.num_shared_experts
         self.shared_experts = MLP(cfg.hidden_size, shared, cfg.use_bias) if shared else None
-        self.num_routed, self.num_shared = cfg.num_experts, cfg.num_shared_experts
-        self.shared_in_experts = False
+        self.num_shared = cfg.num_shared_experts
 
     def fuse_shared_experts(self) -> None:
         """Make the shared experts more experts of the stack, which every token takes with weight 1.
@@ -407,19 +411,13 @@ class MoE(nn.Module):
         the MLP's. The sum is now in float32 with the routed ones (transformers adds the two in the
         activation dtype), so results move within rounding. The MLP's weights move into the stack
         and are not held twice."""
-        if self.shared_experts is None or self.shared_in_experts:
-            return
-        if self.experts.append_shared(self.shared_experts, self.num_shared):
-            self.shared_experts, self.shared_in_experts = None, True
+        if self.shared_experts is not None and self.experts.append_shared(self.shared_experts, self.num_shared):
+            self.shared_experts, self.gate.always = None, self.num_shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         x = x.view(-1, h)
-        weights, idx = self.gate(x)
-        if self.shared_in_experts:
-            shared = torch.arange(self.num_routed, self.num_routed + self.num_shared, device=idx.device, dtype=idx.dtype)
-            idx = torch.cat([idx, shared.expand(idx.shape[0], -1)], 1)
-            weights = torch.cat([weights, weights.new_ones(idx.shape[0], self.num_shared)], 1)
+        weights, idx = self.gate(x)  # with the shared experts last where they sit in the stack
         out = self.experts(x, weights, idx)
         if self.shared_experts is not None:  # added after the routed sum, as transformers does
             out = out + self.shared_experts(x)

@@ -185,7 +185,7 @@ def test_shared_experts_moved_into_the_expert_stack_match_transformers(checkpoin
     moes = [layer.mlp for layer in ours.layers if isinstance(layer.mlp, MoE)]
     for moe in moes:
         moe.fuse_shared_experts()
-        assert moe.shared_experts is None and moe.experts.gate_up_proj.shape[0] == moe.num_routed + moe.num_shared == moe.num_routed + 2
+        assert moe.shared_experts is None and moe.experts.gate_up_proj.shape[0] == moe.gate.weight.shape[0] + 2 and moe.gate.always == 2
     ids = _prompt(batch=2)
     x = torch.randn(1, ours.config.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -404,7 +404,7 @@ def test_shared_experts_moved_into_the_quantized_stack(quantized, monkeypatch, s
     moes = [layer.mlp for layer in fused.layers if isinstance(layer.mlp, MoE)]
     for moe in moes:
         moe.fuse_shared_experts()
-        assert moe.shared_experts is None and moe.experts.down_proj.shape[0] == moe.num_routed + moe.num_shared
+        assert moe.shared_experts is None and moe.experts.down_proj.shape[0] == moe.gate.weight.shape[0] + moe.num_shared
     ids = _ids(2, 32, seed=6)
     with torch.no_grad():
         a, b = plain(ids, 0, all_logits=True), fused(ids, 0, all_logits=True)
