@@ -198,13 +198,24 @@ def run_test(model: ErnieForCausalLM, spec: BenchCase, repetitions: int, seed: i
 # ---- the run's context -------------------------------------------------------------------------------
 
 
-def git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
+def git_commit(here: Path | None = None) -> str | None:
+    """The checkout's commit, with "-dirty" where tracked files differ from it, so a figure names
+    the code that made it. None where this package is not tracked by the repository around it (a
+    virtual environment inside someone else's project would otherwise report their commit)."""
+    here = here or Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess | None:
+        try:
+            return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    tracked = git("ls-files", "--error-unmatch", "--", "bench.py")
+    head = git("rev-parse", "--short=12", "HEAD")
+    if not (tracked and tracked.returncode == 0 and head and head.returncode == 0 and head.stdout.strip()):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return head.stdout.strip() + ("-dirty" if status and status.stdout.strip() else "")
 
 
 def _cpu_model() -> str:

@@ -139,3 +139,28 @@ def test_random_model_matches_config_shapes():
 def test_usage_errors(args, message):
     proc = bench(*args)
     assert proc.returncode == 2 and message in proc.stderr.decode()
+
+
+def test_commit_names_the_checkout_and_says_when_it_was_changed(tmp_path):
+    """Against git's own answers: the short HEAD of a repository tracking the package, "-dirty" once
+    a tracked file changes, and nothing where the package sits untracked inside another repository."""
+    import shutil
+    import subprocess
+
+    from ernie_cli import bench
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    package = tmp_path / "ernie_cli"
+    package.mkdir()
+    shutil.copy(bench.__file__, package / "bench.py")
+    git("init", "-q")
+    assert bench.git_commit(package) is None  # inside a repository that does not track it
+    git("add", "ernie_cli/bench.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    assert bench.git_commit(package) == git("rev-parse", "--short=12", "HEAD")
+    (package / "bench.py").write_text("# changed\n")
+    assert bench.git_commit(package) == git("rev-parse", "--short=12", "HEAD") + "-dirty"
