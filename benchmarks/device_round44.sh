@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device call 44 (issue 7, branch wip/shared-in-experts, for the next session): the shared experts as
-# two more experts of the routed stack in the CUDA decode graph (MoE.fuse_shared_experts).
-# Compiled (fused) against eager (separate MLP) in cuda_parity.py, then 8-layer A/B per format,
-# alternating ERNIE_SHARED_IN_EXPERTS=0/1, then the CUDA tests in what is left of the call's 600 s.
+# two more experts of the routed stack in the CUDA decode graph (MoE.fuse_shared_experts), and the
+# int8/int4 down product weighing and adding the experts (ERNIE_WEIGHTED_DOWN).
+# Compiled (fused) against eager (separate MLP) in cuda_parity.py, then 8-layer A/B, each switch off
+# in turn against all on, then the CUDA tests in what is left of the call's 600 s.
 set -u
 START=$(date +%s)
 source benchmarks/device_env.sh
@@ -14,8 +15,11 @@ run() { name=$1; shift; s=$(date +%s); timeout $1 "${@:2}" > $OUT/$name.json 2> 
 import json,statistics
 for r in json.load(open('$OUT/$name.json')): print(r['test'], round(statistics.median(r['tokens_per_s']),1), 'peak GiB', round(r['peak_memory_bytes']/2**30,2), end='  ')
 print()" 2>/dev/null || (echo failed; grep -v -i warn $OUT/$name.err | tail -8); rm -f $OUT/$name.err $OUT/$name.json; }
-for q in int4 int8 bf16; do
-  Q=$([ $q = bf16 ] || echo --quantize $q)
-  for s in 1 0; do run l8_${q}_shared$s 60 env ERNIE_SHARED_IN_EXPERTS=$s $B $Q; done
+for q in int4 int8; do
+  run l8_${q}_all_on 60 $B --quantize $q
+  run l8_${q}_shared0 60 env ERNIE_SHARED_IN_EXPERTS=0 $B --quantize $q
+  run l8_${q}_weighted0 60 env ERNIE_WEIGHTED_DOWN=0 $B --quantize $q
 done
-timeout $(( 585 - ($(date +%s) - START) )) python3 -m pytest -q -x -rf --tb=short tests/test_gpu_attention.py tests/test_quant_cuda.py tests/test_gpu_gemv.py -k "compiled or quant_cuda or silu or router" 2>&1 | tail -5
+run l8_bf16_all_on 60 $B
+run l8_bf16_shared0 60 env ERNIE_SHARED_IN_EXPERTS=0 $B
+timeout $(( 585 - ($(date +%s) - START) )) python3 -m pytest -q -x -rf --tb=short tests/test_gpu_attention.py tests/test_quant_cuda.py tests/test_gpu_gemv.py -k "compiled or quant_cuda or silu or router or weighs" 2>&1 | tail -5

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Device call 45 (issue 7, branch wip/shared-in-experts, for the next session): the full model, shared
-# experts in the stack against a separate MLP, int4 and int8, each pair in one call.
+# Device call 45 (issue 7, branch wip/shared-in-experts, for the next session): the full model with
+# both changes on against both off (ERNIE_SHARED_IN_EXPERTS=0 ERNIE_WEIGHTED_DOWN=0), int4 and int8.
 set -u
+START=$(date +%s)
 source benchmarks/device_env.sh
 exec > >(tee $OUT/log.txt) 2>&1
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -10,7 +11,9 @@ run() { name=$1; shift; s=$(date +%s); timeout $1 "${@:2}" > $OUT/$name.json 2> 
 import json,statistics
 for r in json.load(open('$OUT/$name.json')): print(r['test'], [round(t,1) for t in r['tokens_per_s']], round(statistics.median(r['tokens_per_s']),1), 'peak GiB', round(r['peak_memory_bytes']/2**30,2), end='  ')
 print()" 2>/dev/null || (echo failed; grep -v -i warn $OUT/$name.err | tail -8); rm -f $OUT/$name.err; }
-run full_int4_shared1 140 env ERNIE_SHARED_IN_EXPERTS=1 $B --quantize int4
-run full_int4_shared0 140 env ERNIE_SHARED_IN_EXPERTS=0 $B --quantize int4
-run full_int8_shared1 140 env ERNIE_SHARED_IN_EXPERTS=1 $B --quantize int8
-run full_int8_shared0 140 env ERNIE_SHARED_IN_EXPERTS=0 $B --quantize int8
+run full_int4_on 140 env ERNIE_SHARED_IN_EXPERTS=1 $B --quantize int4
+run full_int4_off 140 env ERNIE_SHARED_IN_EXPERTS=0 ERNIE_WEIGHTED_DOWN=0 $B --quantize int4
+run full_int8_on 140 env ERNIE_SHARED_IN_EXPERTS=1 $B --quantize int8
+run full_int8_off 140 env ERNIE_SHARED_IN_EXPERTS=0 ERNIE_WEIGHTED_DOWN=0 $B --quantize int8
+# The CUDA tests in what is left of the call's 600 s (round 44 runs them first, if it has time).
+timeout $(( 585 - ($(date +%s) - START) )) python3 -m pytest -q -x -rf --tb=short tests/test_gpu_gemv.py tests/test_quant_cuda.py tests/test_gpu_attention.py -k "weighs or router or quant_cuda or compiled or silu" 2>&1 | tail -5
