@@ -7,10 +7,6 @@ source benchmarks/device_env.sh
 exec > >(tee $OUT/log.txt) 2>&1
 nvidia-smi --query-gpu=name --format=csv,noheader
 B="python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -o json --compile on -p 512 -n 128 -r 5"
-run() { name=$1; shift; s=$(date +%s); timeout $1 "${@:2}" > $OUT/$name.json 2> $OUT/$name.err; echo -n "$name ($(( $(date +%s) - s )) s): "; python3 -c "
-import json,statistics
-for r in json.load(open('$OUT/$name.json')): print(r['test'], [round(t,1) for t in r['tokens_per_s']], round(statistics.median(r['tokens_per_s']),1), 'peak GiB', round(r['peak_memory_bytes']/2**30,2), end='  ')
-print()" 2>/dev/null || (echo failed; grep -v -i warn $OUT/$name.err | tail -8); rm -f $OUT/$name.err; }
 run full_int4_on 140 env ERNIE_SHARED_IN_EXPERTS=1 $B --quantize int4
 run full_int4_off 140 env ERNIE_SHARED_IN_EXPERTS=0 ERNIE_WEIGHTED_DOWN=0 $B --quantize int4
 run full_int8_on 140 env ERNIE_SHARED_IN_EXPERTS=1 $B --quantize int8
