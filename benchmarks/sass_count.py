@@ -29,11 +29,11 @@ K = 2560
 TYPES = {  # by parameter name, for every revision's kernels
     "x_ptr": "*bf16", "xp_ptr": "*fp32", "xs_ptr": "*fp32", "idx_ptr": "*i64", "s_ptr": "*bf16", "z_ptr": "*bf16",
     "out_ptr": "*bf16", "x_slot_stride": "i32", "N": "i32", "K": "i32", "P": "i32", "w_expert_stride": "i64",
-    "s_expert_stride": "i64", "w_row_stride": "i32", "s_row_stride": "i32", "weights_ptr": "*bf16",
+    "s_expert_stride": "i64", "w_row_stride": "i32", "s_row_stride": "i32",
 }
 NOT_DIVISIBLE = {"s_row_stride", "P"}  # 40 groups a row, 6 experts: no 16-divisibility hint
 CONSTS = {"GROUP": 64, "GROUP_WORDS": 8, "HAS_IDX": 1, "FMT": 2, "K8": K // 8, "X_PER_SLOT": 0, "MAGIC": 0, "EVEN_N": 1,
-          "KW": K // 8, "EMULATE": 0, "SWIGLU": 0, "WEIGHTED": 0}
+          "KW": K // 8, "EMULATE": 0, "SWIGLU": 0}
 SHAPES = {  # kernel: (BLOCK_N, BLOCK_K in weights, warps)
     "_gemv": [(8, 512, 4), (4, 1024, 4), (32, 256, 4)],
     "_gemv_int4": [(8, 512, 4), (16, 512, 4), (32, 512, 4), (64, 512, 4)],

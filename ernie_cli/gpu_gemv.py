@@ -43,9 +43,6 @@ DP4A = os.environ.get("ERNIE_DP4A", "1") != "0"
 # The routed experts' down product forms silu(gate) * up while loading x, saving a kernel and a write
 # (round 42: 8-layer int4 +1.8%). ERNIE_SWIGLU_IN_DOWN=0 forms it with torch ops, for comparison.
 SWIGLU_IN_DOWN = os.environ.get("ERNIE_SWIGLU_IN_DOWN", "1") != "0"
-# The routed experts' down product also weighs and adds the experts' outputs (gemv(weights=...)).
-# ERNIE_WEIGHTED_DOWN=0 does that with torch ops after it, for comparison.
-WEIGHTED_DOWN = os.environ.get("ERNIE_WEIGHTED_DOWN", "1") != "0"
 # The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
 _EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -193,13 +190,16 @@ if triton is not None:
             return tl.inline_asm_elementwise(
                 "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
 
+    @triton.autotune(configs=_int4_configs(), key=["N", "KW", "P", "FMT"], **_keep)
+    @triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
     @triton.jit
-    def _dp4a_row_sums(
-        x_base, e, rows, row_ok, w_ptr, s_ptr, z_ptr, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
-        KW: tl.constexpr, FMT: tl.constexpr, GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-        EVEN_N: tl.constexpr, EMULATE: tl.constexpr, SWIGLU: tl.constexpr,
+    def _gemv_dp4a(
+        x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+        N, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
+        KW: tl.constexpr, FMT: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_IDX: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr, EMULATE: tl.constexpr,
+        SWIGLU: tl.constexpr,
     ):
-        # Rows `rows` of matrix e (of a stack, or the one matrix) times x at x_base, in float32.
         # Why this shape: the float kernels spend 4-12 instructions a weight turning codes into floats
         # (docs/performance.md), so int8 and int4 GEMVs were bound by instructions, not by memory. Here
         # x is rounded to int8 in registers (one scale per group of GROUP_WORDS words: the int4 group,
@@ -210,11 +210,13 @@ if triton is not None:
         # largest |x|), as llama.cpp's q8_1 activations. Every program rounds x itself: a separate
         # kernel would cost a launch per product. That replicated work is why matrices of few rows
         # per program (int8's shared experts) ran slower here than in _gemv (round 33).
+        slot, e, rows, row_ok = _program_rows(idx_ptr, N, BLOCK_N, HAS_IDX)
         NGW: tl.constexpr = BLOCK_W // GROUP_WORDS
         EVEN: tl.constexpr = KW % BLOCK_W == 0
         COLS: tl.constexpr = 8 if FMT == 2 else 4  # columns a word holds
         G: tl.constexpr = (KW + GROUP_WORDS - 1) // GROUP_WORDS  # int4: the last group may be partial
         w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
+        x_base = x_ptr + slot * x_slot_stride
         c = tl.arange(0, BLOCK_W)
         gi = tl.arange(0, NGW)
         zero = tl.zeros((BLOCK_N, BLOCK_W), tl.int32)
@@ -263,41 +265,7 @@ if triton is not None:
         y = tl.sum(acc, 1)
         if FMT == 1:
             y = y * tl.load(s_ptr + e * s_expert_stride + rows, mask=row_ok, other=0.0).to(tl.float32)
-        return y
-
-    @triton.autotune(configs=_int4_configs(), key=["N", "KW", "P", "FMT", "WEIGHTED"], **_keep)
-    @triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
-    @triton.jit
-    def _gemv_dp4a(
-        x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
-        N, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride, weights_ptr,
-        KW: tl.constexpr, FMT: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_IDX: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr, EMULATE: tl.constexpr,
-        SWIGLU: tl.constexpr, WEIGHTED: tl.constexpr,
-    ):
-        # WEIGHTED: a program takes its rows of all P experts in turn and writes sum_p weights[p] * y_p
-        # (one output row, float32 sums), so the decode graph needs no kernel to weigh and add them.
-        if WEIGHTED:
-            rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-            row_ok = rows < N
-            total = tl.zeros((BLOCK_N,), tl.float32)
-            for slot in range(P):
-                e = tl.load(idx_ptr + slot).to(tl.int64)
-                y = _dp4a_row_sums(
-                    x_ptr + slot * x_slot_stride, e, rows, row_ok, w_ptr, s_ptr, z_ptr,
-                    w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
-                    KW, FMT, GROUP_WORDS, BLOCK_N, BLOCK_W, EVEN_N, EMULATE, SWIGLU,
-                )
-                total += tl.load(weights_ptr + slot).to(tl.float32) * y
-            tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
-        else:
-            slot, e, rows, row_ok = _program_rows(idx_ptr, N, BLOCK_N, HAS_IDX)
-            y = _dp4a_row_sums(
-                x_ptr + slot * x_slot_stride, e, rows, row_ok, w_ptr, s_ptr, z_ptr,
-                w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
-                KW, FMT, GROUP_WORDS, BLOCK_N, BLOCK_W, EVEN_N, EMULATE, SWIGLU,
-            )
-            tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.autotune(configs=_configs(), key=["N", "K", "P", "FMT"], **_keep)
     @triton.jit
@@ -358,16 +326,13 @@ if triton is not None:
 
 def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=None, group_size: int = 64,
          experts: torch.Tensor | None = None, per_expert_x: bool = False,
-         block: tuple[int, int] | None = None, swiglu: bool = False, weights: torch.Tensor | None = None) -> torch.Tensor:
+         block: tuple[int, int] | None = None, swiglu: bool = False) -> torch.Tensor:
     """One token: x [K] (or [P, K] with per_expert_x) against weight [N, K] or the experts `experts`
     [P] of a stack [E, N, K] (int4: [.., N, K/2]) -> [P, N] in x's dtype (P = 1 without experts).
 
     swiglu: x is [.., 2K], gate then up, and the product's input is silu(gate) * up. The dp4a kernel
     forms it while loading x (a decode step saves the kernel that would write it); the other kernels
     get it from torch ops first.
-
-    weights [P] (with experts): the result is sum_p weights[p] * y_p, [1, N], summed in float32; the
-    dp4a kernel forms it itself (one kernel fewer in a decode step), the others by torch ops after.
 
     int4 needs a group size of 32, 64 or 128, and the word kernel K a multiple of 8 (usable() checks);
     int8 and int4 go through the dp4a kernel where uses_dp4a() says so, else through the float kernels.
@@ -379,16 +344,12 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
         gate, up = x.chunk(2, dim=-1)
         x, swiglu = (torch.nn.functional.silu(gate) * up).contiguous(), False
     p = 1 if experts is None else experts.numel()
-    if weights is not None and not (WEIGHTED_DOWN and experts is not None and uses_dp4a(fmt, k)):
-        y = gemv(fmt, x, weight, scales, zeros, group_size, experts, per_expert_x, block, swiglu)
-        return (y.float() * weights.float()[:, None]).sum(0, keepdim=True).to(x.dtype)
-    weighted = weights is not None
-    out = torch.empty((1 if weighted else p, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((p, n), dtype=x.dtype, device=x.device)
     stacked = weight.dim() == 3
     w_stride = weight.stride(0) if stacked else 0
     s_stride = scales.stride(0) if (stacked and scales is not None) else 0
     dummy = weight  # unused pointer arguments still need a tensor
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), 1 if weighted else p)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p)  # noqa: E731
     if uses_dp4a(fmt, k):
         cols = 8 if fmt == "int4" else 4
         words = weight.view(torch.int32)
@@ -397,9 +358,8 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
             x, x.shape[-1] if per_expert_x else 0, experts if experts is not None else dummy, words, scales,
             zeros if zeros is not None else dummy, out,
             n, p, w_stride // 4, s_stride, words.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
-            weights.contiguous() if weighted else dummy,
             KW=k // cols, FMT=FORMATS[fmt], GROUP_WORDS=(group_size if fmt == "int4" else 64) // cols,
-            HAS_IDX=experts is not None, EMULATE=_EMULATE_DP4A, SWIGLU=swiglu, WEIGHTED=weighted, **fixed,
+            HAS_IDX=experts is not None, EMULATE=_EMULATE_DP4A, SWIGLU=swiglu, **fixed,
         )
         return out
     if fmt == "int4" and INT4_KERNEL != "bytes":

@@ -356,12 +356,16 @@ def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor
     return out
 
 
-def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down) -> torch.Tensor:
+def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down, down_takes_gate_up: bool = False) -> torch.Tensor:
     """One token through its k experts with kernels that take all k at once: gate_up(x [H], experts)
-    -> [k, 2I] and down(h [k, I], experts) -> [k, H], each expert's rows read once."""
+    -> [k, 2I] and down(h [k, I], experts) -> [k, H], each expert's rows read once. down_takes_gate_up:
+    down is given [k, 2I] and forms silu(gate) * up itself."""
     experts = idx[0]
-    gate, up = gate_up(x[0], experts).chunk(2, dim=-1)
-    y = down((F.silu(gate) * up).contiguous(), experts)
+    gu = gate_up(x[0], experts)
+    if not down_takes_gate_up:
+        gate, up = gu.chunk(2, dim=-1)
+        gu = (F.silu(gate) * up).contiguous()
+    y = down(gu, experts)
     return (y * weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
 
 

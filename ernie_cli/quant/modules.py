@@ -224,12 +224,10 @@ class QuantWeight(nn.Module):
                 y = y[:, : self.out_features]
         return y.to(x.dtype)
 
-    def _gpu_gemv(self, x: torch.Tensor, experts=None, per_expert_x: bool = False, swiglu: bool = False,
-                  weights: torch.Tensor | None = None) -> torch.Tensor:
-        """One token on CUDA through gpu_gemv (Triton): [P, out] for the experts tensor, [1, out] else
-        (and with weights, the experts' weighted sum)."""
+    def _gpu_gemv(self, x: torch.Tensor, experts=None, per_expert_x: bool = False, swiglu: bool = False) -> torch.Tensor:
+        """One token on CUDA through gpu_gemv (Triton): [P, out] for the experts tensor, [1, out] else."""
         q, s, z, experts = self._disk_tensors(experts)
-        return gpu_gemv.gemv(self.fmt, x, q, s, z, self.group_size, experts, per_expert_x, swiglu=swiglu, weights=weights)
+        return gpu_gemv.gemv(self.fmt, x, q, s, z, self.group_size, experts, per_expert_x, swiglu=swiglu)
 
     def _disk_tensors(self, experts):
         """(qweight, scales, zeros or None, experts) of the disk layout; an int expert becomes views of
@@ -394,11 +392,7 @@ class QuantExperts(nn.Module):
         """
         gu, down = self.gate_up_proj, self.down_proj
         if gpu_gemv.usable(x, gu.fmt, gu.group_size) and gpu_gemv.usable(x, down.fmt, down.group_size):
-            # Two kernels: gate_up of the k experts, then down, which forms silu(gate) * up from that
-            # output and weighs and adds the k results itself.
-            experts = idx[0]
-            h = gu._gpu_gemv(x[0], experts)
-            return down._gpu_gemv(h, experts, per_expert_x=True, swiglu=True, weights=weights[0])
+            return run_selected(x, weights, idx, gu._gpu_gemv, lambda h, e: down._gpu_gemv(h, e, per_expert_x=True, swiglu=True), True)
         w1 = self.gate_up_proj.dequantize(idx, x.dtype)
         w2 = self.down_proj.dequantize(idx, x.dtype)
         if torch.compiler.is_compiling():
