@@ -93,12 +93,22 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def weight_bytes_per_token(model: ErnieForCausalLM) -> int:
     """Bytes of weights one decode step reads: everything but the unselected experts and the
-    embedding table (one row is looked up), plus the whole head matrix (tied or not)."""
+    embedding table (one row is looked up), plus the whole head matrix (tied or not).
+
+    A stack of n experts is read for k of its E routed experts and for every expert beyond E: the
+    shared experts that the CUDA decode graph moves into the stack (model.MoE.fuse_shared_experts)
+    are read by every token, as they were as a separate MLP."""
     cfg = model.config
     expert_prefixes = tuple(
         name + "." for name, m in model.named_modules() if isinstance(m, Experts) or type(m).__name__.endswith("Experts")
     )
-    share = cfg.num_experts_per_tok / cfg.num_experts if cfg.is_moe else 1.0
+
+    def share(t: torch.Tensor) -> float:
+        n = t.shape[0] if t.dim() else 0
+        if n < cfg.num_experts:  # not stacked by expert
+            return cfg.num_experts_per_tok / cfg.num_experts
+        return (cfg.num_experts_per_tok + n - cfg.num_experts) / n
+
     total = 0.0
     state = model.state_dict()  # persistent tensors only: no KV cache, no RoPE table
     for name, t in state.items():
@@ -106,7 +116,7 @@ def weight_bytes_per_token(model: ErnieForCausalLM) -> int:
             if cfg.tie_word_embeddings:
                 total += _tensor_bytes(t)  # read whole as the head
             continue
-        total += _tensor_bytes(t) * (share if name.startswith(expert_prefixes) else 1.0)
+        total += _tensor_bytes(t) * (share(t) if name.startswith(expert_prefixes) else 1.0)
     return int(total)
 
 

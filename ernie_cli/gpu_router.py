@@ -25,7 +25,8 @@ def usable(logits: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _route(logits_ptr, bias_ptr, w_ptr, idx_ptr, E, norm_min, K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _route(logits_ptr, bias_ptr, w_ptr, idx_ptr, E, norm_min, K: tl.constexpr, ALWAYS: tl.constexpr,
+               BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
         row = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         ok = e < E
@@ -43,18 +44,25 @@ if triton is not None:
             weights = tl.where(slots == i, tl.sum(tl.where(e == j, probs, 0.0), 0), weights)
             score = tl.where(e == j, float("-inf"), score)
         weights = weights / tl.maximum(tl.sum(weights, 0), norm_min)
-        tl.store(w_ptr + row * K + slots, weights.to(w_ptr.dtype.element_ty), mask=slots < K)
-        tl.store(idx_ptr + row * K + slots, chosen.to(tl.int64), mask=slots < K)
+        fixed = slots >= K  # the ALWAYS experts after the routed ones, E, E+1, ..., at weight 1
+        chosen = tl.where(fixed, E + slots - K, chosen)
+        weights = tl.where(fixed, 1.0, weights)
+        tl.store(w_ptr + row * (K + ALWAYS) + slots, weights.to(w_ptr.dtype.element_ty), mask=slots < K + ALWAYS)
+        tl.store(idx_ptr + row * (K + ALWAYS) + slots, chosen.to(tl.int64), mask=slots < K + ALWAYS)
 
 
-def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits float32 [T, E] -> (weights [T, k] in dtype, expert ids int64 [T, k])."""
+def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float, dtype: torch.dtype,
+          always: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits float32 [T, E] -> (weights [T, k + always] in dtype, expert ids int64 [T, k + always]).
+    always: experts E .. E+always-1 follow the chosen k in every row, at weight 1 (the shared experts
+    when they sit in the routed stack, model.MoE.fuse_shared_experts), written here so the decode
+    graph needs no kernel to append them."""
     logits = logits.contiguous()
     t, e = logits.shape
-    weights = torch.empty((t, top_k), dtype=dtype, device=logits.device)
-    idx = torch.empty((t, top_k), dtype=torch.int64, device=logits.device)
+    weights = torch.empty((t, top_k + always), dtype=dtype, device=logits.device)
+    idx = torch.empty((t, top_k + always), dtype=torch.int64, device=logits.device)
     _route[(t,)](
         logits, bias, weights, idx, e, norm_min,
-        K=top_k, BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
+        K=top_k, ALWAYS=always, BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k + always),
     )
     return weights, idx

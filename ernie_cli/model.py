@@ -19,6 +19,8 @@ instead of eight torch kernels, because there Python queueing kernels is the bot
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -241,16 +243,21 @@ class Router(nn.Module):
         self.top_k, self.norm_min = cfg.num_experts_per_tok, cfg.moe_norm_min
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size, dtype=torch.float32))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(cfg.num_experts, dtype=torch.float32))
+        self.always = 0  # experts after the routed ones that every token takes at weight 1 (MoE.fuse_shared_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x.float(), self.weight)
         if gpu_router.usable(logits):
-            return gpu_router.route(logits, self.e_score_correction_bias, self.top_k, self.norm_min, x.dtype)
+            return gpu_router.route(logits, self.e_score_correction_bias, self.top_k, self.norm_min, x.dtype, self.always)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
         _, idx = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1)
         weights = probs.gather(-1, idx)
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
-        return weights.to(x.dtype), idx
+        weights = (weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)).to(x.dtype)
+        if self.always:
+            fixed = torch.arange(logits.shape[-1], logits.shape[-1] + self.always, device=idx.device)
+            idx = torch.cat([idx, fixed.expand(idx.shape[0], -1)], 1)
+            weights = torch.cat([weights, weights.new_ones(idx.shape[0], self.always)], 1)
+        return weights, idx
 
 
 class Experts(nn.Module):
@@ -295,12 +302,39 @@ class Experts(nn.Module):
     def grouped_mm(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return run_grouped_mm(x, weights, idx, self.gate_up_proj, self.down_proj)
 
+    def append_shared(self, mlp: "MLP", count: int) -> bool:
+        """Take the shared MLP in as `count` more experts (see MoE.fuse_shared_experts), where it is
+        float like the stacks and has no bias; False, and nothing changed, where not."""
+        gate_up, down = mlp.gate_up_proj, mlp.down_proj
+        if not all(type(p) in (nn.Linear, Linear) and p.bias is None and p.weight.dtype == self.gate_up_proj.dtype
+                   for p in (gate_up, down)):
+            return False
+        self.gate_up_proj = nn.Parameter(torch.cat([self.gate_up_proj, shared_gate_up_as_experts(gate_up.weight, count)]), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.cat([self.down_proj, shared_down_as_experts(down.weight, count)]), requires_grad=False)
+        return True
+
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         return run_grouped(self.expert, self.gate_up_proj.shape[0], x, weights, idx)
+
+
+def shared_gate_up_as_experts(t: torch.Tensor, count: int) -> torch.Tensor:
+    """The shared MLP's gate_up rows [gate (count*I), up (count*I)] (or any row-wise tensor of its
+    quantized form) -> [count, 2I, ...]: expert s takes gate rows and up rows s*I to (s+1)*I."""
+    rows = t.shape[0] // (2 * count)
+    return t.view(2, count, rows, *t.shape[1:]).transpose(0, 1).reshape(count, 2 * rows, *t.shape[1:])
+
+
+def shared_down_as_experts(t: torch.Tensor, count: int) -> torch.Tensor:
+    """The shared MLP's down [H, count*I] (columns in the tensor's own units: int4 bytes, scale
+    groups) -> [count, H, I]: expert s takes columns s*I to (s+1)*I. A per-row tensor (int8 scales
+    [H]) holds for every part."""
+    if t.dim() == 1:
+        return t.expand(count, -1).clone()
+    return t.view(t.shape[0], count, t.shape[1] // count).transpose(0, 1).contiguous()
 
 
 def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -336,6 +370,8 @@ def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate
 
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+# ERNIE_SHARED_IN_EXPERTS=0 keeps the shared experts a separate MLP on CUDA too, for comparison.
+SHARED_IN_EXPERTS = os.environ.get("ERNIE_SHARED_IN_EXPERTS", "1") != "0"
 
 
 def run_grouped_mm(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -363,11 +399,25 @@ class MoE(nn.Module):
         self.experts = Experts(cfg)
         shared = cfg.moe_intermediate_size * cfg.num_shared_experts
         self.shared_experts = MLP(cfg.hidden_size, shared, cfg.use_bias) if shared else None
+        self.num_shared = cfg.num_shared_experts
+
+    def fuse_shared_experts(self) -> None:
+        """Make the shared experts more experts of the stack, which every token takes with weight 1.
+
+        For the CUDA decode graph: the routed experts' two kernels then do the shared experts' work
+        too, three kernels fewer a layer (the shared gate_up, its SwiGLU, its down). The shared MLP's
+        intermediate size is num_shared times the experts', so it splits exactly: SwiGLU acts on
+        each intermediate unit alone, and down sums over the units, so the parts' outputs add up to
+        the MLP's. The sum is now in float32 with the routed ones (transformers adds the two in the
+        activation dtype), so results move within rounding. The MLP's weights move into the stack
+        and are not held twice."""
+        if self.shared_experts is not None and self.experts.append_shared(self.shared_experts, self.num_shared):
+            self.shared_experts, self.gate.always = None, self.num_shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         x = x.view(-1, h)
-        weights, idx = self.gate(x)
+        weights, idx = self.gate(x)  # with the shared experts last where they sit in the stack
         out = self.experts(x, weights, idx)
         if self.shared_experts is not None:  # added after the routed sum, as transformers does
             out = out + self.shared_experts(x)
@@ -447,9 +497,16 @@ class ErnieForCausalLM(nn.Module):
         return project(x) if project is not None else linear(x, self.head_weight())
 
     def fuse_projections(self) -> None:
-        """Fewer, larger matrices for the decode graph (see Attention.fuse_qkv)."""
+        """Fewer, larger matrices for the decode graph (see Attention.fuse_qkv; on CUDA also
+        MoE.fuse_shared_experts, which moves results within rounding, so the CPU, where float32
+        matches transformers bit for bit, keeps the shared MLP)."""
         for layer in self.layers:
             layer.self_attn.fuse_qkv()
+            if self.device.type == "cuda" and SHARED_IN_EXPERTS and isinstance(layer.mlp, MoE):
+                layer.mlp.fuse_shared_experts()
+                # The grown stack cannot reuse the old one's freed block; without this, every
+                # layer's old stack would stay reserved and the experts would be held twice.
+                torch.cuda.empty_cache()
 
     def forward(self, tokens: torch.Tensor, start: int = 0, all_logits: bool = False) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 -> logits [B, T or 1, V] (the last position unless all_logits)."""

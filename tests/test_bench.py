@@ -17,6 +17,7 @@ import torch
 from ernie_cli.bench import BenchCase, build_tests, run_test, weight_bytes_per_token
 from ernie_cli.config import parse_config
 from ernie_cli.loader import load_model, random_model
+from ernie_cli.model import MoE
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIG = ROOT / "benchmarks" / "configs" / "ERNIE-4.5-21B-A3B-Base-PT.json"
@@ -60,6 +61,12 @@ def test_weight_bytes_per_token_by_hand(checkpoints):
     moe_layer = k * 3 * h * i + 3 * h * i * cfg.num_shared_experts + e * h + e
     params = cfg.vocab_size * h + norms + cfg.num_hidden_layers * attn + 3 * h * cfg.intermediate_size + 3 * moe_layer
     assert weight_bytes_per_token(model) == params * 4
+    # The CUDA decode graph moves the shared experts into the stack; every token still reads them.
+    for layer in model.layers:
+        if isinstance(layer.mlp, MoE):
+            layer.mlp.fuse_shared_experts()
+    assert model.layers[1].mlp.experts.gate_up_proj.shape[0] == e + cfg.num_shared_experts
+    assert weight_bytes_per_token(model) == pytest.approx(params * 4, rel=1e-12)
 
 
 def test_run_test_arithmetic(checkpoints):

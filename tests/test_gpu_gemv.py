@@ -122,20 +122,24 @@ def test_dp4a_kernel_forms_silu_gate_times_up_itself(fmt, group, n, k, monkeypat
         assert ((y[p] - as_codes).abs() <= 2 * (we.abs() * step).amax(1) + summing).all()
 
 
-@pytest.mark.parametrize("experts, k", [(64, 6), (8, 2), (5, 3)])
-def test_router_kernel_picks_and_weighs_like_torch(experts, k):
+@pytest.mark.parametrize("experts, k, always", [(64, 6, 0), (64, 6, 2), (8, 2, 0), (5, 3, 1)])
+def test_router_kernel_picks_and_weighs_like_torch(experts, k, always):
     """gpu_router against the float32 torch arithmetic of model.Router: the same experts in the same
     (descending) order, weights within 2e-6 relative of float64: a few float32 roundings (sums,
-    divisions) and the GPU's fast exp (2 ulps) on each of the 64 probabilities."""
+    divisions) and the GPU's fast exp (2 ulps) on each of the 64 probabilities. always: the shared
+    experts in the stack follow, as experts E.. at weight 1, and do not enter the renormalisation."""
     from ernie_cli import gpu_router
 
     gen = torch.Generator().manual_seed(experts)
     logits = torch.randn(33, experts, generator=gen)
     bias = 0.01 * torch.randn(experts, generator=gen)
-    w, idx = gpu_router.route(logits.cuda(), bias.cuda(), k, 1e-12, torch.float32)
+    w, idx = gpu_router.route(logits.cuda(), bias.cuda(), k, 1e-12, torch.float32, always)
     probs = torch.softmax(logits.double(), -1)
     _, ref_idx = torch.topk(probs + bias.double(), k, dim=-1)
     ref_w = probs.gather(-1, ref_idx)
     ref_w = ref_w / ref_w.sum(-1, keepdim=True)
-    assert torch.equal(idx.cpu(), ref_idx)
-    assert ((w.double().cpu() - ref_w).abs() <= 2e-6 * ref_w.abs()).all()
+    assert idx.shape == w.shape == (33, k + always)
+    assert torch.equal(idx[:, :k].cpu(), ref_idx)
+    assert ((w[:, :k].double().cpu() - ref_w).abs() <= 2e-6 * ref_w.abs()).all()
+    assert torch.equal(idx[:, k:].cpu(), torch.arange(experts, experts + always).expand(33, -1))
+    assert torch.equal(w[:, k:].cpu(), torch.ones(33, always))

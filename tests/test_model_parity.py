@@ -170,3 +170,25 @@ def test_fused_qkv_projection_matches_transformers(checkpoints, shape):
     ids = _prompt(batch=2)
     with torch.no_grad():
         assert (ours(ids, 0, all_logits=True) - ref(ids).logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("shape", ["moe", "moe_wide"])
+def test_shared_experts_moved_into_the_expert_stack_match_transformers(checkpoints, shape):
+    """MoE.fuse_shared_experts, which the CUDA decode graph uses, run here in float32: the shared MLP
+    split into num_shared more experts that every token takes must give transformers' logits, through
+    the grouped expert path (prefill) and the gathered one (the decode graph's)."""
+    from ernie_cli.model import MoE
+
+    path, ref = checkpoints(shape)
+    ours = load_model(path, "cpu", torch.float32)
+    plain = load_model(path, "cpu", torch.float32)
+    moes = [layer.mlp for layer in ours.layers if isinstance(layer.mlp, MoE)]
+    for moe in moes:
+        moe.fuse_shared_experts()
+        assert moe.shared_experts is None and moe.experts.gate_up_proj.shape[0] == moe.gate.weight.shape[0] + 2 and moe.gate.always == 2
+    ids = _prompt(batch=2)
+    x = torch.randn(1, ours.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (ours(ids, 0, all_logits=True) - ref(ids).logits).abs().max().item() < TOL
+        moes[0].experts.forward = moes[0].experts.gathered
+        assert (moes[0](x[None]) - plain.layers[1].mlp(x[None])).abs().max().item() < 1e-5

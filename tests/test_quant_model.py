@@ -388,3 +388,27 @@ def test_a_file_that_cannot_be_mapped_is_read(quantized, monkeypatch):
     assert w.untyped_storage().nbytes() == w.numel()  # its own buffer
     with torch.no_grad():
         assert torch.isfinite(model(_ids(1, 4), 0)).all()
+
+
+@pytest.mark.parametrize("shape, fmt, group", [("moe", "int8", None), ("moe_wide", "int8", None), ("moe_wide", "int4", 64), ("moe_wide", "int4", 32)])
+def test_shared_experts_moved_into_the_quantized_stack(quantized, monkeypatch, shape, fmt, group):
+    """MoE.fuse_shared_experts on the disk layout CUDA holds (ERNIE_QUANT_BACKEND=dequant): codes,
+    scales and zeros split by rows (gate_up) and by columns (down), in float32, must give what the
+    separate shared MLP gives, through prefill and the one-token gathered path. A split that mixed
+    up rows, nibbles or scale groups would move logits by far more than the summation order does."""
+    from ernie_cli.model import MoE
+
+    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant")
+    path = quantized(shape, fmt, group)
+    plain, fused = load_model(path, "cpu", torch.float32), load_model(path, "cpu", torch.float32)
+    moes = [layer.mlp for layer in fused.layers if isinstance(layer.mlp, MoE)]
+    for moe in moes:
+        moe.fuse_shared_experts()
+        assert moe.shared_experts is None and moe.experts.down_proj.shape[0] == moe.gate.weight.shape[0] + moe.num_shared
+    ids = _ids(2, 32, seed=6)
+    with torch.no_grad():
+        a, b = plain(ids, 0, all_logits=True), fused(ids, 0, all_logits=True)
+        plain.setup_cache(1, 4), fused.setup_cache(1, 4)
+        da, db = plain(ids[:1, :1], 0), fused(ids[:1, :1], 0)
+    assert (a - b).abs().max().item() < 1e-4
+    assert (da - db).abs().max().item() < 1e-4

@@ -59,8 +59,10 @@ def model_bytes(cfg: ErnieConfig, spec: QuantSpec, dtype: torch.dtype) -> int:
 def prefill_scratch_bytes(cfg: ErnieConfig, spec: QuantSpec, dtype: torch.dtype, device: torch.device) -> int:
     """Memory a CUDA prefill needs beyond the weights: gpu_dequant expands each quantized weight to
     floats in a buffer kept per shape, the largest being one layer's routed experts (1.5 GB in bf16
-    for the 21B). q/k/v merged for the decode graph add one shape. Nothing on other devices, where
-    the expanded weights are temporaries or do not exist."""
+    for the 21B). q/k/v merged for the decode graph add one shape. Where the decode graph moves the
+    shared experts into the routed stack (model.MoE.fuse_shared_experts), the stack grows by exactly
+    the shared MLP's two shapes, which then need no buffer of their own, so the sum still holds.
+    Nothing on other devices, where the expanded weights are temporaries or do not exist."""
     if device.type != "cuda":
         return 0
     shapes = {

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie_cli import gpu_dequant, gpu_gemv
-from ernie_cli.model import GROUPED_MM, run_grouped, run_grouped_mm, run_selected
+from ernie_cli.model import GROUPED_MM, run_grouped, run_grouped_mm, run_selected, shared_down_as_experts, shared_gate_up_as_experts
 from ernie_cli.quant import formats, native
 
 BF16 = torch.bfloat16
@@ -402,6 +402,25 @@ class QuantExperts(nn.Module):
             gate, up = torch.einsum("nh,nkoh->nko", x, w1).chunk(2, dim=-1)
             y = torch.einsum("nki,nkhi->nkh", F.silu(gate) * up, w2)
         return (y * weights[..., None]).sum(1)
+
+    def append_shared(self, mlp: nn.Module, count: int) -> bool:
+        """Take the shared MLP in as `count` more experts (model.MoE.fuse_shared_experts), where its
+        two weights are held in the disk layout with the stacks' format, group and backend and have
+        no bias; False, and nothing changed, where not. The disk layout's tensors are row-wise (codes,
+        scales, zeros), so the model's row and column splits apply to each of them."""
+        pairs = ((self.gate_up_proj, mlp.gate_up_proj, shared_gate_up_as_experts), (self.down_proj, mlp.down_proj, shared_down_as_experts))
+        if not all(isinstance(part, QuantLinear) and part.bias is None and part.disk_layout and stack.disk_layout
+                   and (part.fmt, part.group_size, part.backend) == (stack.fmt, stack.group_size, stack.backend)
+                   for stack, part, _ in pairs):
+            return False
+        if self.down_proj.fmt == "int4" and self.down_proj.in_features % self.down_proj.group_size:
+            return False  # the shared down's groups of columns would straddle two parts
+        for stack, part, split in pairs:
+            for key in ("qweight", "scales", "zeros"):
+                if getattr(stack, key, None) is not None:
+                    setattr(stack, key, _param(torch.cat([getattr(stack, key), split(getattr(part, key), count)])))
+            stack.shape = (stack.shape[0] + count, *stack.shape[1:])
+        return True
 
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Many tokens: on CUDA in bf16, every expert expanded to floats and the two grouped GEMMs of
