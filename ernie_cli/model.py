@@ -515,10 +515,26 @@ class ErnieForCausalLM(nn.Module):
             if start:
                 raise ValueError(f"positions up to {start + t} exceed the cache of {self.max_seq}")
             self.setup_cache(tokens.shape[0], t)  # a one-off full forward sizes its own cache
+        x = self._layers(tokens, start)
+        if not all_logits:
+            x = x[:, -1:]
+        return self.head(self.norm(x))
+
+    def _layers(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        t = tokens.shape[1]
         cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, start)
-        if not all_logits:
-            x = x[:, -1:]
-        return self.head(self.norm(x))
+        return x
+
+    def prefill_at(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """A prompt padded at its end, tokens [B, T] from position 0 -> logits [B, V] at position
+        `last` (a one-element device tensor): the real prompt's last token.
+
+        For the prefill CUDA graphs (generate.PrefillGraphs), which replay one length per graph.
+        The padding changes nothing before it: attention is causal and every other operation is
+        per token. It fills cache slots past the prompt, which decoding overwrites before it reads
+        them. The cache must hold T positions."""
+        x = self._layers(tokens, 0).index_select(1, last)
+        return self.head(self.norm(x))[:, -1]
