@@ -41,7 +41,8 @@ class PrefillGraphs:
 
     Why: an eager prefill of the full model queues about 1,100 kernels, and for a few hundred tokens
     Python queueing them takes longer than the GPU running them (docs/performance.md). A graph
-    replays them with one launch. Its shapes are fixed, so a prompt is padded at its end to the
+    replays them with one launch (where nothing in the forward waits for the host:
+    ErnieForCausalLM.prefill_waits_for_host). Its shapes are fixed, so a prompt is padded at its end to the
     next length in LENGTHS (ErnieForCausalLM.prefill_at says why that is exact); longer prompts
     run eagerly. A length's graph is captured on first use (two eager runs first, so Triton tunes
     and cuBLAS sets up outside the capture), and all are dropped when the KV cache is replaced,
@@ -116,7 +117,7 @@ class Decoder:
             mode = "reduce-overhead" if model.device.type == "cuda" else "default"
             self.step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
             self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
-            if prefill_graphs is None and model.device.type == "cuda" and PREFILL_GRAPH:
+            if prefill_graphs is None and model.device.type == "cuda" and PREFILL_GRAPH and not model.prefill_waits_for_host():
                 self.prefill_graphs = PrefillGraphs(model)
 
     def prefill(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -270,12 +270,15 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        on_cpu = x.device.type == "cpu"
-        if x.shape[0] == 1 and (not on_cpu or torch.compiler.is_compiling()):
+        if x.shape[0] == 1 and (x.device.type != "cpu" or torch.compiler.is_compiling()):
             return self.gathered(x, weights, idx)
-        if not on_cpu and x.dtype == torch.bfloat16 and GROUPED_MM is not None:
+        if self.uses_grouped_mm(x):
             return self.grouped_mm(x, weights, idx)
         return self.grouped(x, weights, idx)
+
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether many tokens like x take the two grouped GEMMs (else one GEMM per expert)."""
+        return x.device.type != "cpu" and x.dtype == torch.bfloat16 and GROUPED_MM is not None
 
     def gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Graph-safe: gather the k selected experts of each token and run them as batched GEMVs.
@@ -495,6 +498,20 @@ class ErnieForCausalLM(nn.Module):
         """Final hidden states -> logits. Quantized head modules (ernie_cli.quant) bring their own `project`."""
         project = getattr(self.embed_tokens if self.lm_head is None else self.lm_head, "project", None)
         return project(x) if project is not None else linear(x, self.head_weight())
+
+    def prefill_waits_for_host(self) -> bool:
+        """Whether a prompt's forward reads anything back to the host, so that no CUDA graph can
+        hold it. Only the routed experts do: one GEMM per expert (run_grouped) reads the group
+        sizes back, and so does torch's grouped GEMM before Hopper (a fallback); on Hopper it keeps
+        the offsets on the GPU. The rest of the forward has no host sync (docs/performance.md)."""
+        experts = [layer.mlp.experts for layer in self.layers if isinstance(layer.mlp, MoE)]
+        if not experts:
+            return False
+        device = self.device
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+            return True
+        probe = torch.empty(0, dtype=self.dtype, device=device)
+        return not all(e.uses_grouped_mm(probe) for e in experts)
 
     def fuse_projections(self) -> None:
         """Fewer, larger matrices for the decode graph (see Attention.fuse_qkv; on CUDA also

@@ -89,24 +89,35 @@ def test_longer_prompts_and_later_chunks_run_eagerly(checkpoints):
     assert calls == []
 
 
+def test_what_waits_for_the_host(checkpoints):
+    """The CPU's expert loop reads group sizes back (run_grouped), so a MoE prefill there could not
+    be a graph; a dense model has no such step."""
+    moe = load_model(checkpoints("moe")[0], "cpu", torch.float32)
+    dense = load_model(checkpoints("dense")[0], "cpu", torch.float32)
+    assert moe.prefill_waits_for_host() and not dense.prefill_waits_for_host()
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                            reason="needs a Hopper GPU (torch's grouped GEMM without a host sync)")
 
 
-@cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_replayed_prefill_matches_the_eager_prefill_on_the_gpu(checkpoints, dtype):
+@hopper
+@pytest.mark.parametrize("shape, dtype", [("dense", torch.float32), ("moe", torch.bfloat16)])
+def test_replayed_prefill_matches_the_eager_prefill_on_the_gpu(checkpoints, shape, dtype):
     """The CUDA graph against the eager padded forward it captured, for lengths that share a graph
     and after the cache was replaced (a recapture): the same kernels on the same inputs, so equal;
-    and float32 within 1e-4 of transformers."""
-    path, ref = checkpoints("moe")
+    and float32 within 1e-4 of transformers. float32 experts take one GEMM per expert, which reads
+    the group sizes back, so the MoE runs in bf16 (the grouped GEMMs)."""
+    path, ref = checkpoints(shape)
     model = load_model(path, "cuda", dtype)
+    assert not model.prefill_waits_for_host()
     graphs = PrefillGraphs(model)
     eager = PrefillGraphs(model, capture=False)
     for n in (9, 20, 32, 33, 100):
         ids = _prompt(n, seed=n).cuda()
-        with torch.inference_mode():
-            got = graphs(ids)
-            want = eager(ids)
+        got = graphs(ids)
+        want = eager(ids)
         assert torch.equal(got, want), n
         if dtype == torch.float32:
             with torch.no_grad():
@@ -114,16 +125,22 @@ def test_replayed_prefill_matches_the_eager_prefill_on_the_gpu(checkpoints, dtyp
     assert sorted(graphs.graphs) == [32, 64, 128]
     model.setup_cache(1, 4096)  # a new cache: the graphs must be captured again against it
     ids = _prompt(9).cuda()
-    with torch.inference_mode():
-        assert torch.equal(graphs(ids), eager(ids))
+    assert torch.equal(graphs(ids), eager(ids))
     assert sorted(graphs.graphs) == [32] and graphs._cache() is model.layers[0].self_attn.cache.k
 
 
 @cuda
+def test_float32_experts_keep_the_eager_prefill_on_the_gpu(checkpoints):
+    model = load_model(checkpoints("moe")[0], "cuda", torch.float32)
+    assert model.prefill_waits_for_host()
+    assert Decoder(model, compile=True).prefill_graphs is None
+
+
+@hopper
 def test_compiled_generation_with_prefill_graphs_on_the_gpu(checkpoints):
     """float32 on the GPU through the compiled Decoder (prefill graph, then the decode graph): the
     same 32 greedy tokens as transformers."""
-    path, ref = checkpoints("moe")
+    path, ref = checkpoints("dense")
     ids = _prompt(9, seed=11)
     with torch.no_grad():
         out = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, repetition_penalty=1.5,
