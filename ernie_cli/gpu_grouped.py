@@ -39,9 +39,10 @@ if triton is not None:
             for bn, bk, w, s in ((64, 64, 4, 4), (128, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 2))
         ]
 
-    @triton.autotune(configs=_configs(), key=["N", "K", "SWIGLU"], **gpu_gemv._keep)
+    @triton.autotune(configs=_configs(), key=["N", "K", "SWIGLU", "ORDER"], **gpu_gemv._keep)
     @triton.jit
-    def _grouped(x_ptr, w_ptr, ends_ptr, out_ptr, N, K, E, w_expert_stride, SWIGLU: tl.constexpr,
+    def _grouped(x_ptr, w_ptr, ends_ptr, order_ptr, out_ptr, N, K, E, w_expert_stride, slots,
+                 SWIGLU: tl.constexpr, ORDER: tl.constexpr,
                  BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # Program (n, b): weight rows n*BLOCK_N.. of the expert that owns block b, where each expert's
         # rows are cut into blocks of BLOCK_M and the blocks numbered expert after expert. The grid
@@ -64,7 +65,10 @@ if triton is not None:
             col_ok = cols < N
             ks = tl.arange(0, BLOCK_K)
             w_rows = w_ptr + e.to(tl.int64) * w_expert_stride + cols[:, None].to(tl.int64) * K
-            x_rows = x_ptr + rows[:, None].to(tl.int64) * K
+            src = rows  # ORDER 1: sorted row r is token order[r] // slots; 2: it goes to row order[r]
+            if ORDER == 1:
+                src = tl.load(order_ptr + rows, mask=row_ok, other=0) // slots
+            x_rows = x_ptr + src[:, None].to(tl.int64) * K
             acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -77,18 +81,27 @@ if triton is not None:
                     up = tl.dot(a, tl.trans(w), up)
             if SWIGLU:
                 acc = acc * tl.sigmoid(acc) * up
-            out = out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :]
+            dst = rows
+            if ORDER == 2:
+                dst = tl.load(order_ptr + rows, mask=row_ok, other=0)
+            out = out_ptr + dst[:, None].to(tl.int64) * N + cols[None, :]
             tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def grouped(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, swiglu: bool = False,
-            block: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """x [S, K], rows sorted by expert; weight [E, N, K] (swiglu: [E, 2N, K], gate rows then up rows);
-    ends [E] int32, where expert e's rows end (cumulative) -> [S, N] in x's dtype: x_e @ weight[e].T,
-    or silu(x_e @ gate_e.T) * (x_e @ up_e.T) with swiglu, in float32 before one rounding.
+            order: torch.Tensor | None = None, gather: int = 0, block: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Rows sorted by expert times their expert's weight -> [S, N] in x's dtype: x_e @ weight[e].T, or
+    silu(x_e @ gate_e.T) * (x_e @ up_e.T) with swiglu, in float32 before one rounding.
+
+    x [S, K] sorted by expert; or, with order [S] and gather=k, the tokens [T, K] themselves, sorted
+    row r being token order[r] // k (the k slots of a token sorted by expert: the gather is done
+    while loading, not by a kernel of its own). weight [E, N, K] (swiglu: [E, 2N, K], gate rows then
+    up rows); ends [E] int32, where expert e's rows end (cumulative). With order and no gather, the
+    result's sorted row r is written to row order[r] (back to slot order, while storing).
     block=(BLOCK_M, BLOCK_N, BLOCK_K) skips the tuner (tests under TRITON_INTERPRET)."""
     x, weight = x.contiguous(), weight.contiguous()
-    s, k = x.shape
+    k = x.shape[1]
+    s = x.shape[0] if order is None else order.numel()
     e, rows, _ = weight.shape
     n = rows // 2 if swiglu else rows
     out = torch.empty((s, n), dtype=x.dtype, device=x.device)
@@ -98,5 +111,8 @@ def grouped(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, swiglu: b
         fixed = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), block))
     # Blocks: at most one partial block per expert beyond the whole ones.
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(s, meta["BLOCK_M"]) + e)  # noqa: E731
-    kernel[grid](x, weight, ends, out, n, k, e, weight.stride(0), SWIGLU=swiglu, BLOCK_E=triton.next_power_of_2(e), **fixed)
+    kernel[grid](
+        x, weight, ends, order if order is not None else ends, out, n, k, e, weight.stride(0), max(gather, 1),
+        SWIGLU=swiglu, ORDER=0 if order is None else (1 if gather else 2), BLOCK_E=triton.next_power_of_2(e), **fixed,
+    )
     return out

@@ -389,14 +389,14 @@ def run_grouped_mm(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, ga
     experts, order = torch.sort(idx.flatten(), stable=True)
     ids = torch.arange(gate_up.shape[0], device=x.device, dtype=experts.dtype)
     offsets = torch.searchsorted(experts, ids, right=True, out_int32=True)
-    rows = x[order // k]
-    if gpu_grouped.usable(rows):  # the SwiGLU formed inside the first product (gpu_grouped says why)
-        y = gpu_grouped.grouped(gpu_grouped.grouped(rows, gate_up, offsets, swiglu=True), down, offsets)
+    if gpu_grouped.usable(x):  # the gather, the SwiGLU and the return to slot order inside the products
+        h = gpu_grouped.grouped(x, gate_up, offsets, swiglu=True, order=order, gather=k)
+        by_slot = gpu_grouped.grouped(h, down, offsets, order=order).view(t, k, -1)
     else:
-        gate, up = GROUPED_MM(rows, gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        gate, up = GROUPED_MM(x[order // k], gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         y = GROUPED_MM(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)
-    by_slot = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
-    return torch.bmm(weights.to(y.dtype).view(t, 1, k), by_slot).view(t, -1)
+        by_slot = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
+    return torch.bmm(weights.to(by_slot.dtype).view(t, 1, k), by_slot).view(t, -1)
 
 
 class MoE(nn.Module):

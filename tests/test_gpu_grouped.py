@@ -86,3 +86,32 @@ def test_prefill_experts_through_the_kernels(always, monkeypatch):
     got = model.run_grouped_mm(dev[0], weights.half().to(DEVICE), idx.to(DEVICE), dev[1], dev[2]).cpu().double()
     assert got.shape == (t, h)
     assert (got - ref).abs().max() <= 2.0**-9 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype, eps", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_rows_gathered_from_tokens_and_written_back_in_slot_order(dtype, eps, swiglu):
+    """order and gather=k: sorted row r reads token order[r] // k while loading; order alone: sorted
+    row r is stored at row order[r]. Each row against float64, as above."""
+    if DEVICE != "cuda" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter's numpy has no bf16: GPU only")
+    gen = torch.Generator().manual_seed(9)
+    t, k, e, n, kd = 50, 3, 5, 40, 48
+    tokens = torch.randn(t, kd, generator=gen).to(dtype)
+    w = (torch.randn(e, 2 * n if swiglu else n, kd, generator=gen) / kd**0.5).to(dtype)
+    slots = torch.randint(0, e, (t * k,), generator=gen)
+    experts, order = torch.sort(slots, stable=True)
+    ends = torch.searchsorted(experts, torch.arange(e), right=True).to(torch.int32)
+    dev = {"order": order.to(DEVICE), "block": (64, 32, 32)}
+    gathered = gpu_grouped.grouped(tokens.to(DEVICE), w.to(DEVICE), ends.to(DEVICE), swiglu=swiglu, gather=k, **dev).cpu()
+    scattered = gpu_grouped.grouped(tokens[order // k].to(DEVICE), w.to(DEVICE), ends.to(DEVICE), swiglu=swiglu, **dev).cpu()
+    for r, slot in enumerate(order.tolist()):
+        x, we = tokens[slot // k].double(), w[slots[slot]].double()
+        ref = we @ x
+        bound = 1e-5 * (we.abs() @ x.abs())
+        if swiglu:
+            gate, up = ref[:n], ref[n:]
+            ref = torch.nn.functional.silu(gate) * up
+            bound = bound[:n] * up.abs() + bound[n:] * gate.abs() + bound[:n] * bound[n:]
+        assert ((gathered[r].double() - ref).abs() <= eps * ref.abs() + bound + 1e-6).all(), r
+        assert ((scattered[slot].double() - ref).abs() <= eps * ref.abs() + bound + 1e-6).all(), slot
