@@ -11,6 +11,7 @@ from typing import Iterator
 
 import torch
 
+from ernie_cli.console import warn
 from ernie_cli.model import ErnieForCausalLM
 from ernie_cli.sampling import Sampler
 
@@ -57,6 +58,7 @@ class PrefillGraphs:
     def __init__(self, model: ErnieForCausalLM, capture: bool = True):
         self.model, self.capture = model, capture
         self.graphs: dict[int, tuple] = {}
+        self.failed = False  # a capture failed: every prompt runs eagerly from then on
         self._cache = lambda: None  # the KV cache the graphs write into (a weak reference: never held twice)
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
@@ -78,7 +80,14 @@ class PrefillGraphs:
             self.graphs.clear()
             self._cache = weakref.ref(cache)
         if n not in self.graphs:
-            self.graphs[n] = self._capture(n)
+            try:
+                self.graphs[n] = self._capture(n)
+            except RuntimeError as e:  # something waited for the host after all: stay correct, say so
+                if os.environ.get("ERNIE_DEBUG") == "1":
+                    raise
+                warn(f"the prefill could not be captured as a CUDA graph ({str(e).splitlines()[0]}); prompts run eagerly.")
+                self.failed = True
+                return model.forward(tokens, 0)[:, -1]
         graph, padded, last, logits = self.graphs[n]
         padded.zero_()
         padded[:, :t] = tokens
@@ -123,7 +132,7 @@ class Decoder:
     def prefill(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 -> logits [B, V] at the last."""
         graphs = self.prefill_graphs
-        if graphs is not None and start == 0 and tokens.shape[0] == 1 and graphs.length_for(tokens.shape[1]):
+        if graphs is not None and not graphs.failed and start == 0 and tokens.shape[0] == 1 and graphs.length_for(tokens.shape[1]):
             return graphs(tokens)
         return self.model(tokens, start)[:, -1]
 

@@ -89,6 +89,33 @@ def test_longer_prompts_and_later_chunks_run_eagerly(checkpoints):
     assert calls == []
 
 
+def test_a_failed_capture_falls_back_to_the_eager_prefill(checkpoints, monkeypatch, capsys):
+    """Should a capture fail on some GPU (an operation that waits for the host), the prompt still
+    gets transformers' logits, a one-line warning goes to stderr, and later prompts run eagerly."""
+    path, ref = checkpoints("moe")
+    model = load_model(path, "cpu", torch.float32)
+    graphs = PrefillGraphs(model, capture=False)
+    graphs.capture = True  # as on CUDA, with a capture that fails
+
+    def fail(n):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(graphs, "_capture", fail)
+    monkeypatch.delenv("ERNIE_DEBUG", raising=False)
+    decoder = Decoder(model, prefill_graphs=graphs)
+    ids = _prompt(9)
+    with torch.no_grad():
+        got = decoder.prefill(ids)
+        assert (got - ref(ids).logits[:, -1]).abs().max().item() < TOL
+    err = capsys.readouterr().err
+    assert "could not be captured" in err and "stream is capturing" in err and "more detail" not in err
+    assert graphs.failed and graphs.graphs == {}
+    monkeypatch.setenv("ERNIE_DEBUG", "1")
+    graphs.failed = False
+    with pytest.raises(RuntimeError):
+        decoder.prefill(ids)
+
+
 def test_what_waits_for_the_host(checkpoints):
     """The CPU's expert loop reads group sizes back (run_grouped), so a MoE prefill there could not
     be a graph; a dense model has no such step."""
