@@ -61,7 +61,7 @@ class PrefillGraphs:
         self.graphs: dict[int, tuple] = {}
         self.failed = False  # a capture failed: every prompt runs eagerly from then on
         self._cache = lambda: None  # the KV cache the graphs write into (a weak reference: never held twice)
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.pool = None
 
     def length_for(self, t: int) -> int | None:
         return next((n for n in self.LENGTHS if n >= t), None)
@@ -79,6 +79,9 @@ class PrefillGraphs:
         cache = model.layers[0].self_attn.cache.k
         if self._cache() is not cache:  # every graph writes into the old cache: drop them all
             self.graphs.clear()
+            # and their pool with them: torch frees a pool whose last graph is gone, and capturing into
+            # the freed pool's handle again fails an assertion in its allocator (device round 53).
+            self.pool = None
             self._cache = weakref.ref(cache)
         if n not in self.graphs:
             try:
@@ -107,6 +110,8 @@ class PrefillGraphs:
                 model.prefill_at(padded, last)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = model.prefill_at(padded, last)
         return graph, padded, last, logits
