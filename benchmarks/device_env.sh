@@ -16,5 +16,6 @@ for r in json.load(open('$OUT/$name.json')):
     print(r['test'], 'd%d' % r['depth'], [round(t, 1) for t in r['tokens_per_s']], round(statistics.median(r['tokens_per_s']), 1),
           'peak GiB', round(r['peak_memory_bytes'] / 2**30, 2), end='  ')
 print()" 2>/dev/null || { echo failed; grep -v -i warn "$OUT/$name.err" | tail -8; }
+  grep -h "could not be captured" "$OUT/$name.err" | head -2  # ernie's own fallback warnings
   rm -f "$OUT/$name.err"
 }

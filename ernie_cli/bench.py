@@ -174,7 +174,7 @@ def _run_once(decoder: Decoder, spec: BenchCase, ids: torch.Tensor, clock: _Cloc
     start = clock.now()
     first = None
     if spec.prompt:
-        model(ids[:, pos : pos + spec.prompt], pos)
+        decoder.prefill(ids[:, pos : pos + spec.prompt], pos)
         pos += spec.prompt
         first = clock.now() - start
     for _ in range(spec.generate):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from ernie_cli.console import warn
 from ernie_cli.model import ErnieForCausalLM
 from ernie_cli.sampling import Sampler
 
@@ -31,12 +33,98 @@ def _compile_settings() -> None:
     inductor.assert_indirect_indexing = False  # the expert gather is bounded by top-k; skip device asserts
 
 
-class Decoder:
-    """One-token steps through the KV cache: eager, or one CUDA graph per step when compiled."""
+# ERNIE_PREFILL_GRAPH=0 runs the prompt's forward eagerly on CUDA too, for comparison.
+PREFILL_GRAPH = os.environ.get("ERNIE_PREFILL_GRAPH", "1") != "0"
 
-    def __init__(self, model: ErnieForCausalLM, compile: bool = False):
+
+class PrefillGraphs:
+    """A prompt's forward from position 0, replayed as a CUDA graph captured per padded length.
+
+    Why: an eager prefill of the full model queues about 1,100 kernels, and for a few hundred tokens
+    Python queueing them takes longer than the GPU running them (docs/performance.md). A graph
+    replays them with one launch (where nothing in the forward waits for the host:
+    ErnieForCausalLM.prefill_waits_for_host). Its shapes are fixed, so a prompt is padded at its end to the
+    next length in LENGTHS (ErnieForCausalLM.prefill_at says why that is exact); longer prompts
+    run eagerly. A length's graph is captured on first use (two eager runs first, so Triton tunes
+    and cuBLAS sets up outside the capture), and all are dropped when the KV cache is replaced,
+    since a graph writes into the cache it was captured with. All graphs share one memory pool; they
+    run one at a time, and each result is copied out before the next replay.
+
+    capture=False runs the same padded forward eagerly: the CPU has no graphs, and its tests check
+    the padding through it."""
+
+    # Steps of at most 1.5x past 256 tokens, so padding adds at most half a prompt's work.
+    LENGTHS = (32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+    def __init__(self, model: ErnieForCausalLM, capture: bool = True):
+        self.model, self.capture = model, capture
+        self.graphs: dict[int, tuple] = {}
+        self.failed = False  # a capture failed: every prompt runs eagerly from then on
+        self._cache = lambda: None  # the KV cache the graphs write into (a weak reference: never held twice)
+        self.pool = None
+
+    def length_for(self, t: int) -> int | None:
+        return next((n for n in self.LENGTHS if n >= t), None)
+
+    @torch.inference_mode()  # the graph's input buffers are inference tensors, written in place
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [1, T] with T <= LENGTHS[-1], at positions 0..T-1 -> logits [1, V] at T-1."""
+        model, t = self.model, tokens.shape[1]
+        n = self.length_for(t)
+        model.setup_cache(1, n)  # keeps a cache that holds n positions
+        if not self.capture:
+            padded = torch.zeros((1, n), dtype=tokens.dtype, device=tokens.device)
+            padded[:, :t] = tokens
+            return model.prefill_at(padded, torch.tensor([t - 1], device=tokens.device))
+        cache = model.layers[0].self_attn.cache.k
+        if self._cache() is not cache:  # every graph writes into the old cache: drop them all
+            self.graphs.clear()
+            # and their pool with them: torch frees a pool whose last graph is gone, and capturing into
+            # the freed pool's handle again fails an assertion in its allocator (device round 53).
+            self.pool = None
+            self._cache = weakref.ref(cache)
+        if n not in self.graphs:
+            try:
+                self.graphs[n] = self._capture(n)
+            except RuntimeError as e:  # something waited for the host after all: stay correct, say so
+                if os.environ.get("ERNIE_DEBUG") == "1":
+                    raise
+                warn(f"the prefill could not be captured as a CUDA graph ({str(e).splitlines()[0]}); prompts run eagerly.")
+                self.failed = True
+                return model.forward(tokens, 0)[:, -1]
+        graph, padded, last, logits = self.graphs[n]
+        padded.zero_()
+        padded[:, :t] = tokens
+        last.fill_(t - 1)
+        graph.replay()
+        return logits.clone()
+
+    def _capture(self, n: int) -> tuple:
+        model, device = self.model, self.model.device
+        padded = torch.zeros((1, n), dtype=torch.long, device=device)
+        last = torch.zeros(1, dtype=torch.long, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.prefill_at(padded, last)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            logits = model.prefill_at(padded, last)
+        return graph, padded, last, logits
+
+
+class Decoder:
+    """One-token steps through the KV cache: eager, or one CUDA graph per step when compiled; and
+    the prompt's forward, which on CUDA, when compiled, replays a CUDA graph (PrefillGraphs)."""
+
+    def __init__(self, model: ErnieForCausalLM, compile: bool = False, prefill_graphs: PrefillGraphs | None = None):
         self.model = model
         self.compiled = compile
+        self.prefill_graphs = prefill_graphs
         if compile:
             _compile_settings()
             model.fuse_projections()  # fewer launches in the graph; eager steps use the same modules
@@ -44,6 +132,15 @@ class Decoder:
             mode = "reduce-overhead" if model.device.type == "cuda" else "default"
             self.step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
             self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
+            if prefill_graphs is None and model.device.type == "cuda" and PREFILL_GRAPH and not model.prefill_waits_for_host():
+                self.prefill_graphs = PrefillGraphs(model)
+
+    def prefill(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """tokens [B, T] at positions start..start+T-1 -> logits [B, V] at the last."""
+        graphs = self.prefill_graphs
+        if graphs is not None and not graphs.failed and start == 0 and tokens.shape[0] == 1 and graphs.length_for(tokens.shape[1]):
+            return graphs(tokens)
+        return self.model(tokens, start)[:, -1]
 
     def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """tokens [B, 1] at position pos -> logits [B, V]."""
@@ -106,7 +203,7 @@ def generate(
     sampler.observe_prompt(ids[0])
 
     start = time.perf_counter()
-    logits = model(ids, 0)[0, -1].float()
+    logits = decoder.prefill(ids)[0].float()
     pos = len(prompt)
     for i in range(max_new_tokens):
         token = sampler(logits)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernie_cli import gpu_attention, gpu_elementwise, gpu_gemv, gpu_router
+from ernie_cli import gpu_attention, gpu_elementwise, gpu_gemv, gpu_grouped, gpu_router
 from ernie_cli.config import ErnieConfig
 
 
@@ -270,12 +270,15 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        on_cpu = x.device.type == "cpu"
-        if x.shape[0] == 1 and (not on_cpu or torch.compiler.is_compiling()):
+        if x.shape[0] == 1 and (x.device.type != "cpu" or torch.compiler.is_compiling()):
             return self.gathered(x, weights, idx)
-        if not on_cpu and x.dtype == torch.bfloat16 and GROUPED_MM is not None:
+        if self.uses_grouped_mm(x):
             return self.grouped_mm(x, weights, idx)
         return self.grouped(x, weights, idx)
+
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether many tokens like x take the two grouped GEMMs (else one GEMM per expert)."""
+        return x.device.type != "cpu" and x.dtype == torch.bfloat16 and GROUPED_MM is not None
 
     def gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Graph-safe: gather the k selected experts of each token and run them as batched GEMVs.
@@ -386,10 +389,14 @@ def run_grouped_mm(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, ga
     experts, order = torch.sort(idx.flatten(), stable=True)
     ids = torch.arange(gate_up.shape[0], device=x.device, dtype=experts.dtype)
     offsets = torch.searchsorted(experts, ids, right=True, out_int32=True)
-    gate, up = GROUPED_MM(x[order // k], gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-    y = GROUPED_MM(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)
-    by_slot = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
-    return torch.bmm(weights.to(y.dtype).view(t, 1, k), by_slot).view(t, -1)
+    if gpu_grouped.usable(x):  # the gather, the SwiGLU and the return to slot order inside the products
+        h = gpu_grouped.grouped(x, gate_up, offsets, swiglu=True, order=order, gather=k)
+        by_slot = gpu_grouped.grouped(h, down, offsets, order=order).view(t, k, -1)
+    else:
+        gate, up = GROUPED_MM(x[order // k], gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        y = GROUPED_MM(F.silu(gate) * up, down.transpose(1, 2), offs=offsets)
+        by_slot = torch.empty_like(y).index_copy_(0, order, y).view(t, k, -1)
+    return torch.bmm(weights.to(by_slot.dtype).view(t, 1, k), by_slot).view(t, -1)
 
 
 class MoE(nn.Module):
@@ -496,6 +503,20 @@ class ErnieForCausalLM(nn.Module):
         project = getattr(self.embed_tokens if self.lm_head is None else self.lm_head, "project", None)
         return project(x) if project is not None else linear(x, self.head_weight())
 
+    def prefill_waits_for_host(self) -> bool:
+        """Whether a prompt's forward reads anything back to the host, so that no CUDA graph can
+        hold it. Only the routed experts do: one GEMM per expert (run_grouped) reads the group
+        sizes back, and so does torch's grouped GEMM before Hopper (a fallback); on Hopper it keeps
+        the offsets on the GPU. The rest of the forward has no host sync (docs/performance.md)."""
+        experts = [layer.mlp.experts for layer in self.layers if isinstance(layer.mlp, MoE)]
+        if not experts:
+            return False
+        device = self.device
+        if device.type != "cuda" or torch.cuda.get_device_capability(device) < (9, 0):
+            return True
+        probe = torch.empty(0, dtype=self.dtype, device=device)
+        return not all(e.uses_grouped_mm(probe) for e in experts)
+
     def fuse_projections(self) -> None:
         """Fewer, larger matrices for the decode graph (see Attention.fuse_qkv; on CUDA also
         MoE.fuse_shared_experts, which moves results within rounding, so the CPU, where float32
@@ -515,10 +536,26 @@ class ErnieForCausalLM(nn.Module):
             if start:
                 raise ValueError(f"positions up to {start + t} exceed the cache of {self.max_seq}")
             self.setup_cache(tokens.shape[0], t)  # a one-off full forward sizes its own cache
+        x = self._layers(tokens, start)
+        if not all_logits:
+            x = x[:, -1:]
+        return self.head(self.norm(x))
+
+    def _layers(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        t = tokens.shape[1]
         cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, start)
-        if not all_logits:
-            x = x[:, -1:]
-        return self.head(self.norm(x))
+        return x
+
+    def prefill_at(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """A prompt padded at its end, tokens [B, T] from position 0 -> logits [B, V] at position
+        `last` (a one-element device tensor): the real prompt's last token.
+
+        For the prefill CUDA graphs (generate.PrefillGraphs), which replay one length per graph.
+        The padding changes nothing before it: attention is causal and every other operation is
+        per token. It fills cache slots past the prompt, which decoding overwrites before it reads
+        them. The cache must hold T positions."""
+        x = self._layers(tokens, 0).index_select(1, last)
+        return self.head(self.norm(x))[:, -1]

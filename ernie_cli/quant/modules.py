@@ -425,11 +425,16 @@ class QuantExperts(nn.Module):
     def grouped(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Many tokens: on CUDA in bf16, every expert expanded to floats and the two grouped GEMMs of
         model.Experts; elsewhere grouped by expert, one (int kernel) GEMM per expert."""
-        gu, down = self.gate_up_proj, self.down_proj
-        if x.dtype == BF16 and GROUPED_MM is not None and gpu_dequant.usable(x) and {gu.backend, down.backend} == {"dequant"}:
-            w1, w2 = gu.gpu_dequantize(None, BF16, "experts"), down.gpu_dequantize(None, BF16, "experts")
+        if self.uses_grouped_mm(x):
+            w1 = self.gate_up_proj.gpu_dequantize(None, BF16, "experts")
+            w2 = self.down_proj.gpu_dequantize(None, BF16, "experts")
             return run_grouped_mm(x, weights, idx, w1, w2)
         return run_grouped(self._expert, self.gate_up_proj.shape[0], x, weights, idx)
+
+    def uses_grouped_mm(self, x: torch.Tensor) -> bool:
+        """Whether many tokens like x take the two grouped GEMMs (else one GEMM per expert)."""
+        backends = {self.gate_up_proj.backend, self.down_proj.backend}
+        return x.dtype == BF16 and GROUPED_MM is not None and gpu_dequant.usable(x) and backends == {"dequant"}
 
 
 def quantized_nbytes(model: nn.Module) -> int:
