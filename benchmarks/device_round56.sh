@@ -9,7 +9,7 @@ START=$(date +%s)
 source benchmarks/device_env.sh
 exec > >(tee $OUT/log.txt) 2>&1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-timeout 150 python3 -m pytest -q -rf --tb=short tests/test_gpu_attention_writes.py tests/test_gpu_attention.py 2>&1 | tail -4
+timeout 150 python3 -m pytest -q -rf --tb=short tests/test_gpu_attention_writes.py tests/test_gpu_gemv_swiglu.py tests/test_gpu_attention.py 2>&1 | tail -4
 timeout 200 python3 benchmarks/cuda_parity.py 2>&1 | grep -v -i warn | tail -6
 B="python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -o json --compile on -p 0 -n 128 -r 5"
 run int4_on 150 $B --quantize int4
