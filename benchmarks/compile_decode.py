@@ -1,8 +1,7 @@
 """Compile the decode step's changed Triton kernels for sm_90 without a GPU (Triton's compiler and
 ptxas): gpu_attention's split kernel with and without RoPE and the cache write inside it
 (ROPE_WRITE), printing whether it uses tensor-core mma, how many float32 FMAs it has (none with
-fused multiply-add off) and its shared memory; and gpu_gemv's float kernel for bf16 weights with and
-without SwiGLU formed while loading x, for every tuner config.
+fused multiply-add off) and its shared memory.
 
 Usage (Triton 3.6.0, the device's version, beside torch's CPU build):
     PYTHONPATH=/tmp/tri36 python benchmarks/compile_decode.py
@@ -15,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from ernie_cli import gpu_attention, gpu_gemv
+from ernie_cli import gpu_attention
 fn = gpu_attention._partial
 params = list(inspect.signature(fn.fn).parameters)
 types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
@@ -28,17 +27,3 @@ for rw in (False, True):
     ptx = k.asm["ptx"]
     print("ROPE_WRITE", rw, "mma" in ptx, "fma.rn.f32 count", ptx.count("fma.rn.f32"), "st.global", ptx.count("st.global"), "bar.sync", ptx.count("bar.sync"), "smem", k.metadata.shared)
 
-gemv = gpu_gemv._gemv
-while not isinstance(gemv, triton.runtime.jit.JITFunction):
-    gemv = gemv.fn
-params = list(inspect.signature(gemv.fn).parameters)
-types = {"x_ptr": "*bf16", "x_slot_stride": "i32", "idx_ptr": "*i64", "w_ptr": "*bf16", "s_ptr": "*bf16", "z_ptr": "*bf16",
-         "out_ptr": "*bf16", "N": "i32", "K": "i32", "P": "i32", "w_expert_stride": "i32", "s_expert_stride": "i32",
-         "w_row_stride": "i32", "s_row_stride": "i32"}
-for cfg in gpu_gemv._configs():
-    for swiglu in (False, True):
-        consts = {**cfg.kwargs, "FMT": 0, "GROUP": 64, "HAS_IDX": True, "SWIGLU": swiglu}
-        sig = {p: ("constexpr" if p in consts else types[p]) for p in params}
-        src = ASTSource(fn=gemv, signature=sig, constexprs={(params.index(p),): v for p, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
-        print("gemv float", cfg.kwargs, cfg.num_warps, "SWIGLU", swiglu, "compiled, smem", k.metadata.shared, "ex2 in ptx", "ex2" in k.asm["ptx"])

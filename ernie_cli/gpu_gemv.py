@@ -41,8 +41,7 @@ INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
 # kernels below), for comparison or where the rounding of x matters more than speed.
 DP4A = os.environ.get("ERNIE_DP4A", "1") != "0"
 # The routed experts' down product forms silu(gate) * up while loading x, saving a kernel and a write
-# (round 42: 8-layer int4 +1.8%; bf16 experts too since the tenth session, not yet measured).
-# ERNIE_SWIGLU_IN_DOWN=0 forms it with torch ops, for comparison.
+# (round 42: 8-layer int4 +1.8%). ERNIE_SWIGLU_IN_DOWN=0 forms it with torch ops, for comparison.
 SWIGLU_IN_DOWN = os.environ.get("ERNIE_SWIGLU_IN_DOWN", "1") != "0"
 # The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
 _EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -274,7 +273,7 @@ if triton is not None:
         x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
         N, K, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
         FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr = False,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         slot, e, rows, row_ok = _program_rows(idx_ptr, N, BLOCK_N, HAS_IDX)
         x_base = x_ptr + slot * x_slot_stride
@@ -318,9 +317,6 @@ if triton is not None:
                 else:
                     w = w.to(tl.float32)
                 x = tl.load(x_base + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
-                if SWIGLU:  # x holds gate then up; silu(gate) * up rounded once, as the graph's own kernel did
-                    up = tl.load(x_base + K + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
-                    x = (x * tl.sigmoid(x) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
                 acc2 += w * x[None, :]
             y = tl.sum(acc2, 1)
             if FMT == 1:
@@ -335,8 +331,8 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     [P] of a stack [E, N, K] (int4: [.., N, K/2]) -> [P, N] in x's dtype (P = 1 without experts).
 
     swiglu: x is [.., 2K], gate then up, and the product's input is silu(gate) * up. The dp4a kernel
-    and the float kernel of float and int8 weights form it while loading x (a decode step saves the
-    kernel that would write it); the int4 float kernels get it from torch ops first.
+    forms it while loading x (a decode step saves the kernel that would write it); the other kernels
+    get it from torch ops first.
 
     int4 needs a group size of 32, 64 or 128, and the word kernel K a multiple of 8 (usable() checks);
     int8 and int4 go through the dp4a kernel where uses_dp4a() says so, else through the float kernels.
@@ -344,8 +340,7 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     x = x.contiguous()
     n = weight.shape[-2]
     k = x.shape[-1] // 2 if swiglu else x.shape[-1]
-    dp4a = uses_dp4a(fmt, k)
-    if swiglu and not (SWIGLU_IN_DOWN and (dp4a or fmt != "int4")):
+    if swiglu and not (SWIGLU_IN_DOWN and uses_dp4a(fmt, k)):
         gate, up = x.chunk(2, dim=-1)
         x, swiglu = (torch.nn.functional.silu(gate) * up).contiguous(), False
     p = 1 if experts is None else experts.numel()
@@ -355,7 +350,7 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     s_stride = scales.stride(0) if (stacked and scales is not None) else 0
     dummy = weight  # unused pointer arguments still need a tensor
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p)  # noqa: E731
-    if dp4a:
+    if uses_dp4a(fmt, k):
         cols = 8 if fmt == "int4" else 4
         words = weight.view(torch.int32)
         fixed = {} if block is None else {"BLOCK_N": block[0], "BLOCK_W": block[1] // cols}
@@ -378,9 +373,9 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
         return out
     kernel, fixed = (_gemv, {}) if block is None else (_gemv.fn, {"BLOCK_N": block[0], "BLOCK_K": block[1]})
     kernel[grid](
-        x, x.shape[-1] if per_expert_x else 0, experts if experts is not None else dummy, weight,
+        x, k if per_expert_x else 0, experts if experts is not None else dummy, weight,
         scales if scales is not None else dummy, zeros if zeros is not None else dummy, out,
         n, k, p, w_stride, s_stride, weight.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
-        FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, SWIGLU=swiglu, **fixed,
+        FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, **fixed,
     )
     return out

@@ -296,8 +296,7 @@ class Experts(nn.Module):
             return run_selected(
                 x, weights, idx,
                 lambda v, e: gpu_gemv.gemv("float", v, self.gate_up_proj, experts=e),
-                lambda h, e: gpu_gemv.gemv("float", h, self.down_proj, experts=e, per_expert_x=True, swiglu=True),
-                down_takes_gate_up=True,
+                lambda h, e: gpu_gemv.gemv("float", h, self.down_proj, experts=e, per_expert_x=True),
             )
         if torch.compiler.is_compiling():
             gu = (self.gate_up_proj[idx] * x[:, None, None, :]).sum(-1)
