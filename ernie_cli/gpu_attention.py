@@ -8,6 +8,10 @@ position tensor on the GPU, so only filled slots are read, and the grid stays fi
 programs per KV head each take one stretch of the positions, with the GROUP query heads that share
 that KV head as the rows of one tensor-core product; a second kernel weighs the stretches' partial
 sums by their softmax maxima.
+
+The first kernel can also take the new token's query, key and value as the projection left them:
+it rotates them (RoPE) and writes the key and value into the cache itself
+(`rotate_write_decode`). This removes the graph's RoPE and cache-write kernels of every layer.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ QROWS = 16  # query rows of a program, padded up from GROUP for tl.dot
 # multiplies in float32 instead, so the tests under the interpreter check the rest of it.
 _DOT_IN_FLOAT32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ENABLED = os.environ.get("ERNIE_DECODE_ATTENTION", "triton") != "sdpa"  # sdpa: the masked SDPA, for comparison
+# ERNIE_ATTENTION_WRITES_CACHE=0: RoPE and the cache write stay in the graph as torch ops, for comparison.
+WRITES_CACHE = os.environ.get("ERNIE_ATTENTION_WRITES_CACHE", "1") != "0"
 
 
 def usable(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
@@ -43,29 +49,53 @@ if triton is not None:
     @triton.jit
     def _partial(
         q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale, kv_stride,
+        k_new_ptr, v_new_ptr, cos_ptr, sin_ptr,
         GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, QROWS: tl.constexpr, BLOCK_S: tl.constexpr,
-        F32: tl.constexpr,
+        F32: tl.constexpr, ROPE_WRITE: tl.constexpr,
     ):
         kv = tl.program_id(0)
         split = tl.program_id(1)
-        length = tl.load(pos_ptr).to(tl.int32) + 1  # the new token's own key is already in the cache
+        pos = tl.load(pos_ptr).to(tl.int32)
+        length = pos + 1  # the new token's own key is in the cache (ROPE_WRITE: put there by this kernel)
         chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_S) * BLOCK_S
         start = split * chunk
         end = tl.minimum(start + chunk, length)
         r = tl.arange(0, QROWS)
         d = tl.arange(0, D)
-        q = tl.load(q_ptr + (kv * GROUP + r)[:, None] * D + d[None, :], mask=(r < GROUP)[:, None], other=0.0)
+        rows = (kv * GROUP + r)[:, None] * D
+        q = tl.load(q_ptr + rows + d[None, :], mask=(r < GROUP)[:, None], other=0.0)
+        base = kv.to(tl.int64) * kv_stride
+        if ROPE_WRITE:
+            # model.apply_rope in float32, pairs (2j, 2j+1) rotated by the angles at pos; the launch
+            # turns off fused multiply-add, so the roundings are torch's. The split whose stretch
+            # holds pos is the only program of this KV head that reads that slot: it writes the new
+            # key and value there and uses them from registers, not from memory it has just written.
+            cos = tl.load(cos_ptr + d)
+            sin = tl.load(sin_ptr + d)
+            sign = tl.where(d % 2 == 0, -1.0, 1.0)
+            mate = tl.load(q_ptr + rows + (d ^ 1)[None, :], mask=(r < GROUP)[:, None], other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * cos[None, :] + (sign[None, :] * mate) * sin[None, :]).to(q.dtype)
+            k_one = tl.load(k_new_ptr + kv * D + d).to(tl.float32)
+            k_mate = tl.load(k_new_ptr + kv * D + (d ^ 1)).to(tl.float32)
+            k_one = (k_one * cos + (sign * k_mate) * sin).to(k_ptr.dtype.element_ty)
+            v_one = tl.load(v_new_ptr + kv * D + d).to(k_ptr.dtype.element_ty)
+            if (start <= pos) & (pos < end):
+                tl.store(k_ptr + base + pos * D + d, k_one)
+                tl.store(v_ptr + base + pos * D + d, v_one)
         if F32:
             q = q.to(tl.float32)
         m = tl.full((QROWS,), float("-inf"), tl.float32)
         l = tl.zeros((QROWS,), tl.float32)
         acc = tl.zeros((QROWS, D), tl.float32)
-        base = kv.to(tl.int64) * kv_stride
         for s0 in range(start, end, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             ok = s < end
             k = tl.load(k_ptr + base + s[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
             v = tl.load(v_ptr + base + s[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            if ROPE_WRITE:
+                new = (s == pos)[:, None]
+                k = tl.where(new, k_one[None, :], k)
+                v = tl.where(new, v_one[None, :], v)
             if F32:
                 k, v = k.to(tl.float32), v.to(tl.float32)
             scores = tl.dot(q, tl.trans(k)) * scale
@@ -109,22 +139,59 @@ def decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: t
 @torch.library.custom_op("ernie::decode_attention", mutates_args=())
 def decode_op(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor, scale: float,
               block_s: int) -> torch.Tensor:
-    _, heads, _, dim = q.shape
-    kv = cache_k.shape[1]
-    group = heads // kv
-    q2 = q.reshape(heads, dim).contiguous()
-    m = torch.empty((kv, SPLITS, QROWS), device=q.device, dtype=torch.float32)
-    l = torch.empty_like(m)
-    acc = torch.empty((kv, SPLITS, QROWS, dim), device=q.device, dtype=torch.float32)
-    _partial[(kv, SPLITS)](
-        q2, cache_k, cache_v, pos, m, l, acc, scale, cache_k.stride(1),
-        GROUP=group, D=dim, SPLITS=SPLITS, QROWS=QROWS, BLOCK_S=block_s, F32=_DOT_IN_FLOAT32,
-    )
-    out = torch.empty((1, heads, 1, dim), device=q.device, dtype=q.dtype)
-    _combine[(heads,)](m, l, acc, out, GROUP=group, D=dim, SPLITS=SPLITS, QROWS=QROWS)
-    return out
+    return _attend(q.reshape(q.shape[1], q.shape[-1]).contiguous(), cache_k, cache_v, pos, scale, block_s)
 
 
 @decode_op.register_fake
 def _(q, cache_k, cache_v, pos, scale, block_s):
     return q.new_empty(q.shape)
+
+
+def writes_cache(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
+    """Whether rotate_write_decode can take this step (q [1, 1, H, D] as projected)."""
+    return WRITES_CACHE and usable(q.transpose(1, 2), cache_k)
+
+
+def rotate_write_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, scale: float, block_s: int = 64) -> torch.Tensor:
+    """The new token as the projection left it: q [1, 1, H, D], k and v [1, 1, KV, D], not yet
+    rotated. RoPE with cos/sin [1, D] (float32, interleaved, the angles at pos), the rotated key and
+    the value written into the caches at pos, then decode's attention -> [1, H, 1, D]."""
+    return rotate_write_decode_op(q, k, v, cache_k, cache_v, cos, sin, pos, scale, block_s)
+
+
+# Mutating the caches inside the operator (declared, so torch.compile orders it and writes in place:
+# tests/test_gpu_attention_writes.py checks the compiled code for copies of the cache).
+@torch.library.custom_op("ernie::rotate_write_decode_attention", mutates_args=("cache_k", "cache_v"))
+def rotate_write_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                           cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, scale: float, block_s: int) -> torch.Tensor:
+    heads, kv, dim = q.shape[2], k.shape[2], q.shape[-1]
+    assert cache_k.is_contiguous() and cache_v.is_contiguous()  # the kernel writes slot pos at pos * D
+    rows = (q.reshape(heads, dim), k.reshape(kv, dim), v.reshape(kv, dim))
+    q2, k2, v2 = (t if t.is_contiguous() else t.contiguous() for t in rows)
+    trig = (cos.reshape(dim), sin.reshape(dim))
+    cos1, sin1 = (t if t.is_contiguous() else t.contiguous() for t in trig)
+    return _attend(q2, cache_k, cache_v, pos, scale, block_s, (k2, v2, cos1, sin1))
+
+
+@rotate_write_decode_op.register_fake
+def _(q, k, v, cache_k, cache_v, cos, sin, pos, scale, block_s):
+    return q.new_empty((1, q.shape[2], 1, q.shape[-1]))
+
+
+def _attend(q2, cache_k, cache_v, pos, scale, block_s, new=None):
+    """q2 [H, D] -> [1, H, 1, D]; new: (k [KV, D], v [KV, D], cos [D], sin [D]) to rotate and write first."""
+    heads, dim = q2.shape
+    kv = cache_k.shape[1]
+    m = torch.empty((kv, SPLITS, QROWS), device=q2.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty((kv, SPLITS, QROWS, dim), device=q2.device, dtype=torch.float32)
+    extra = new if new is not None else (q2, q2, m, m)  # not read without ROPE_WRITE
+    _partial[(kv, SPLITS)](
+        q2, cache_k, cache_v, pos, m, l, acc, scale, cache_k.stride(1), *extra,
+        GROUP=heads // kv, D=dim, SPLITS=SPLITS, QROWS=QROWS, BLOCK_S=block_s, F32=_DOT_IN_FLOAT32,
+        ROPE_WRITE=new is not None, enable_fp_fusion=new is None,
+    )
+    out = torch.empty((1, heads, 1, dim), device=q2.device, dtype=q2.dtype)
+    _combine[(heads,)](m, l, acc, out, GROUP=heads // kv, D=dim, SPLITS=SPLITS, QROWS=QROWS)
+    return out

@@ -183,7 +183,12 @@ class Attention(nn.Module):
         q, k, v = self.project_qkv(x)
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv, self.head_dim)
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim)
+        if isinstance(start, torch.Tensor) and gpu_attention.writes_cache(q, self.cache.k):
+            # the decode graph: RoPE, the cache write and attention in the attention kernels
+            out = gpu_attention.rotate_write_decode(q, k, v, self.cache.k, self.cache.v, cos, sin, start, self.scale)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        v = v.transpose(1, 2)
         if b == 1 and gpu_elementwise.usable(x):  # one kernel per tensor instead of eight
             q = gpu_elementwise.rope(q[0], cos, sin)[None].transpose(1, 2)
             k = gpu_elementwise.rope(k[0], cos, sin)[None].transpose(1, 2)
