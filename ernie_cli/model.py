@@ -251,7 +251,10 @@ class Router(nn.Module):
         self.always = 0  # experts after the routed ones that every token takes at weight 1 (MoE.fuse_shared_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight)
+        if gpu_router.sums_logits(x):
+            logits = gpu_router.one_token_logits(x, self.weight)
+        else:
+            logits = F.linear(x.float(), self.weight)
         if gpu_router.usable(logits):
             return gpu_router.route(logits, self.e_score_correction_bias, self.top_k, self.norm_min, x.dtype, self.always)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)

@@ -192,3 +192,23 @@ def test_shared_experts_moved_into_the_expert_stack_match_transformers(checkpoin
         assert (ours(ids, 0, all_logits=True) - ref(ids).logits).abs().max().item() < TOL
         moes[0].experts.forward = moes[0].experts.gathered
         assert (moes[0](x[None]) - plain.layers[1].mlp(x[None])).abs().max().item() < 1e-5
+
+
+def test_router_logits_as_a_sum_in_the_compiled_step_match_transformers(checkpoints, monkeypatch):
+    """The CUDA decode graph takes the router's logits as gpu_router.one_token_logits (a product and a
+    sum, which Inductor makes one kernel) instead of F.linear. Here that branch is forced on the CPU,
+    compiled as on CUDA: teacher-forced one-token steps must give transformers' logits within TOL."""
+    from ernie_cli import gpu_router
+    from ernie_cli.generate import Decoder
+
+    path, ref = checkpoints("moe")
+    model = load_model(path, "cpu", torch.float32)
+    monkeypatch.setattr(gpu_router, "sums_logits", lambda x: x.shape[0] == 1 and torch.compiler.is_compiling())
+    ids = _prompt(n=12)
+    with torch.no_grad():
+        expected = ref(ids).logits[0]
+        model.setup_cache(1, 16)
+        model(ids[:, :4], 0)
+        decoder = Decoder(model, compile=True)
+        steps = torch.stack([decoder(ids[:, p : p + 1], p).reshape(-1) for p in range(4, 12)])
+    assert (steps - expected[4:12]).abs().max().item() < TOL
