@@ -367,6 +367,10 @@ def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor
     return out
 
 
+# ERNIE_EXPERT_SUM=reduce weighs and adds a token's expert outputs as one sum over its slots, for comparison.
+EXPERT_SUM_AS_ADDS = os.environ.get("ERNIE_EXPERT_SUM", "adds") != "reduce"
+
+
 def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down, down_takes_gate_up: bool = False) -> torch.Tensor:
     """One token through its k experts with kernels that take all k at once: gate_up(x [H], experts)
     -> [k, 2I] and down(h [k, I], experts) -> [k, H], each expert's rows read once. down_takes_gate_up:
@@ -377,7 +381,17 @@ def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate
         gate, up = gu.chunk(2, dim=-1)
         gu = (F.silu(gate) * up).contiguous()
     y = down(gu, experts)
-    return (y * weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
+    if not EXPERT_SUM_AS_ADDS:
+        return (y * weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
+    y, w = y.float(), weights[0].float()
+    # k - 1 additions, not a sum over slots: Inductor turns a reduction into pointwise code only
+    # below 8 items (config.unroll_reductions_threshold). With the shared experts in the stack a
+    # token takes 8, so the sum was a kernel of its own in every MoE layer of the decode graph
+    # (round 60); as additions it joins the kernel of the residual add and the next norm.
+    out = y[0] * w[0]
+    for slot in range(1, y.shape[0]):
+        out = out + y[slot] * w[slot]
+    return out[None].to(x.dtype)
 
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)

@@ -212,3 +212,27 @@ def test_router_logits_as_a_sum_in_the_compiled_step_match_transformers(checkpoi
         decoder = Decoder(model, compile=True)
         steps = torch.stack([decoder(ids[:, p : p + 1], p).reshape(-1) for p in range(4, 12)])
     assert (steps - expected[4:12]).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("dtype, eps", [(torch.float32, 1e-6), (torch.bfloat16, 2.0**-8)])
+def test_selected_experts_are_weighed_and_added_once_rounded(dtype, eps):
+    """run_selected, the one-token expert path of the CUDA decode graph and the native CPU kernels,
+    adds a token's 8 weighed expert outputs one by one in float32 (so that Inductor can fold them into
+    the next norm's kernel) and rounds once: float64 of the same outputs and weights, within the
+    output dtype's rounding."""
+    from ernie_cli.model import run_selected
+
+    gen = torch.Generator().manual_seed(5)
+    h, e, k = 96, 10, 8
+    w1, w2 = torch.randn(e, 64, h, generator=gen), torch.randn(e, h, 32, generator=gen)
+    x = torch.randn(1, h, generator=gen).to(dtype)
+    weights = torch.rand(1, k, generator=gen).to(dtype)
+    idx = torch.randperm(e, generator=gen)[:k][None]
+    gate_up = lambda v, ex: (w1[ex].to(dtype) @ v)  # noqa: E731
+    down = lambda g, ex: torch.bmm(w2[ex].to(dtype), g[:, :, None])[:, :, 0]  # noqa: E731
+    got = run_selected(x, weights, idx, gate_up, down)
+    gate, up = gate_up(x[0], idx[0]).chunk(2, dim=-1)
+    y = down((torch.nn.functional.silu(gate) * up).contiguous(), idx[0]).double()
+    want = (y * weights[0, :, None].double()).sum(0, keepdim=True)
+    assert got.dtype == dtype and got.shape == (1, h)
+    assert ((got.double() - want).abs() <= eps * want.abs() + 1e-5 * (y.abs() * weights[0, :, None].double()).sum(0)).all()
