@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Device call 63 (issue 7, branch wip/decode-fewer-kernels, after round 62): int4 and int8 decode with
 # both changes and with both off, same call; then the int4 step's kernel profile, to see what the
-# graph still launches.
+# graph still launches. First, which model lines Inductor's small kernels of round 60 came from
+# (select, index, split: about 80 a step): a 2-layer bf16 compile with its graphs and output code
+# logged, read by benchmarks/kernel_sources.py.
 set -u
 START=$(date +%s)
 source benchmarks/device_env.sh
 exec > >(tee $OUT/log.txt) 2>&1
 nvidia-smi --query-gpu=name --format=csv,noheader
+TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 TORCH_LOGS=output_code,post_grad_graphs,graph_code timeout 120 python3 -m ernie_cli bench \
+  --config $CFG --device cuda --dtype bfloat16 --compile on -p 0 -n 8 -r 1 --layers 2 > /dev/null 2> $OUT/code.log
+python3 benchmarks/kernel_sources.py $OUT/code.log > $OUT/kernel_sources.txt; gzip $OUT/code.log
+grep -v "^== .*\(mm\|gemv\)" $OUT/kernel_sources.txt | head -60
 B="python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -o json --compile on -p 0 -n 128 -r 5"
 OFF="env ERNIE_ROUTER_LOGITS=linear ERNIE_EXPERT_SUM=reduce"
 run int4_both 150 $B --quantize int4
