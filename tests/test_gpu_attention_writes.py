@@ -37,9 +37,10 @@ def _cache(kv, capacity, dim, pos, dtype, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, kv, dim", [(20, 4, 128), (8, 2, 64), (16, 16, 64)])
-@pytest.mark.parametrize("capacity, pos", [(256, 0), (256, 63), (256, 64), (512, 299), (8448, 8192)])
+@pytest.mark.parametrize("capacity, pos", [(256, 0), (256, 63), (256, 64), (512, 299), (1024, 1023), (8448, 8192)])
 def test_rotates_writes_and_attends(dtype, heads, kv, dim, capacity, pos):
-    """Positions: the first; last of a block; first of the next; uneven stretches; 8k context."""
+    """Positions: the first; last of a block; first of the next; uneven stretches; every one of the
+    16 stretches full (the last one too, whose weighing a combine could skip); 8k context."""
     q, k, v = _new_token(heads, kv, dim, dtype, seed=pos + dim)
     cache_k, cache_v = _cache(kv, capacity, dim, pos, dtype, seed=pos)
     cos_table, sin_table = rope_table(dim, 500000.0, capacity)
