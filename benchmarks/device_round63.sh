@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Device call 63 (issue 7, branch wip/decode-fewer-kernels, after round 62): the quantized CUDA
-# tests; int4 and int8 decode with the four changes and with all four off, same call; then the int4
-# step's kernel profile, to see what the graph still launches. First, which model lines Inductor's small kernels of round 60 came from
-# (select, index, split: about 80 a step): a 2-layer bf16 compile with its graphs and output code
-# logged, read by benchmarks/kernel_sources.py.
+# Device call 63 (issue 7, branch wip/decode-fewer-kernels, after round 62): which model lines
+# Inductor's small kernels come from (a 2-layer bf16 compile with its graphs and output code logged,
+# read by benchmarks/kernel_sources.py: round 60's select and index_split kernels, about 80 a step);
+# then bf16 with all five changes again and with the last three of round 62's list off, same call.
 set -u
 START=$(date +%s)
 source benchmarks/device_env.sh
@@ -13,13 +12,9 @@ TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 TORCH_LOGS=output_code,post_grad_graphs,gra
   --config $CFG --device cuda --dtype bfloat16 --compile on -p 0 -n 8 -r 1 --layers 2 > /dev/null 2> $OUT/code.log
 python3 benchmarks/kernel_sources.py $OUT/code.log > $OUT/kernel_sources.txt; gzip $OUT/code.log
 grep -v "^== .*\(mm\|gemv\)" $OUT/kernel_sources.txt | head -60
-timeout 120 python3 -m pytest -q -rf --tb=short -p no:warnings tests/test_quant_cuda.py 2>&1 | tail -3
 B="python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -o json --compile on -p 0 -n 128 -r 5"
-OFF="env ERNIE_ROUTER_LOGITS=linear ERNIE_EXPERT_SUM=reduce ERNIE_ROUTE_WARPS=4 ERNIE_ATTENTION_COMBINE=kernel"
-run int4_all 150 $B --quantize int4
-run int4_off 110 $OFF $B --quantize int4
-run int8_all 130 $B --quantize int8
-run int8_off 110 $OFF $B --quantize int8
-timeout 120 python3 benchmarks/gpu_profile.py $CFG --quantize int4 --top 30 2>&1 | grep -v -i warn > $OUT/profile_int4.txt
-tail -12 $OUT/profile_int4.txt
+run bf16_all 150 $B
+run bf16_route_warps4 85 env ERNIE_ROUTE_WARPS=4 $B
+run bf16_combine_kernel 85 env ERNIE_ATTENTION_COMBINE=kernel $B
+run bf16_idx_copied 85 env ERNIE_GEMV_IDX_LOOKS_WRITTEN=1 $B
 echo "$(( $(date +%s) - START )) s"
