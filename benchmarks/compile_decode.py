@@ -20,7 +20,7 @@ fn = gpu_attention._partial
 params = list(inspect.signature(fn.fn).parameters)
 types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
          "scale": "fp32", "kv_stride": "i32", "k_new_ptr": "*bf16", "v_new_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-         "tickets_ptr": "*i32", "out_ptr": "*bf16"}
+         "trig_stride": "i32", "tickets_ptr": "*i32", "out_ptr": "*bf16"}
 for rw, combine in ((False, False), (True, False), (True, True)):
     consts = {"GROUP": 5, "D": 128, "SPLITS": 16, "QROWS": 16, "BLOCK_S": 64, "F32": False, "ROPE_WRITE": rw, "COMBINE": combine}
     sig = {p: ("constexpr" if p in consts else types[p]) for p in params}

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Device call 62 (issue 7, branch wip/decode-fewer-kernels, prepared in the eleventh session): five
+# Device call 62 (issue 7, branch wip/decode-fewer-kernels, prepared in the eleventh session): six
 # changes that each take launches or barriers out of the decode step, each with a switch back:
 #   ERNIE_ROUTER_LOGITS=linear       the router's logits by F.linear (two cuBLAS kernels), not one Inductor kernel
 #   ERNIE_EXPERT_SUM=reduce          a token's expert outputs summed by a kernel of their own, not folded into the next norm
 #   ERNIE_ROUTE_WARPS=4              the router kernel on four warps (59 barriers), not one
 #   ERNIE_ATTENTION_COMBINE=kernel   the attention's stretches weighed by a second kernel, not by the last program
 #   ERNIE_GEMV_IDX_LOOKS_WRITTEN=1   Inductor copies the expert ids before every GEMV launch, as before
+#   ERNIE_ROPE_ROWS=graph            the RoPE rows taken in the graph (copied once a layer), not by the attention kernel
 # Correctness first: the compiled path's parity on the MoE shape; the GPU tests of the attention,
 # router and GEMV kernels (the last-program combine's memory ordering can only be shown here). Then
-# bf16 with all five changes and with the first two off; round 63 has the other three.
+# bf16 with all six changes and with the first two off; round 63 has the other four.
 # Round 61's parity check needed more than 110 s on a cold machine.
 set -u
 START=$(date +%s)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Device call 63 (issue 7, branch wip/decode-fewer-kernels, after round 62): which model lines
 # Inductor's small kernels come from (a 2-layer bf16 compile with its graphs and output code logged,
-# read by benchmarks/kernel_sources.py: round 60's select and index_split kernels, about 80 a step);
-# then bf16 with all five changes again and with the last three of round 62's list off, same call.
+# read by benchmarks/kernel_sources.py: what is left of round 60's small kernels);
+# then bf16 with all six changes again and with the last four of round 62's list off, same call.
 set -u
 START=$(date +%s)
 source benchmarks/device_env.sh
@@ -17,4 +17,5 @@ run bf16_all 150 $B
 run bf16_route_warps4 85 env ERNIE_ROUTE_WARPS=4 $B
 run bf16_combine_kernel 85 env ERNIE_ATTENTION_COMBINE=kernel $B
 run bf16_idx_copied 85 env ERNIE_GEMV_IDX_LOOKS_WRITTEN=1 $B
+run bf16_rope_rows_graph 85 env ERNIE_ROPE_ROWS=graph $B
 echo "$(( $(date +%s) - START )) s"

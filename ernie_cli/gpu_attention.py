@@ -53,7 +53,7 @@ if triton is not None:
     @triton.jit
     def _partial(
         q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale, kv_stride,
-        k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, tickets_ptr, out_ptr,
+        k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, trig_stride, tickets_ptr, out_ptr,
         GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, QROWS: tl.constexpr, BLOCK_S: tl.constexpr,
         F32: tl.constexpr, ROPE_WRITE: tl.constexpr, COMBINE: tl.constexpr,
     ):
@@ -74,8 +74,8 @@ if triton is not None:
             # turns off fused multiply-add, so the roundings are torch's. The split whose stretch
             # holds pos is the only program of this KV head that reads that slot: it writes the new
             # key and value there and uses them from registers, not from memory it has just written.
-            cos = tl.load(cos_ptr + d)
-            sin = tl.load(sin_ptr + d)
+            cos = tl.load(cos_ptr + pos * trig_stride + d)  # trig_stride 0: the row itself was given
+            sin = tl.load(sin_ptr + pos * trig_stride + d)
             sign = tl.where(d % 2 == 0, -1.0, 1.0)
             mate = tl.load(q_ptr + rows + (d ^ 1)[None, :], mask=(r < GROUP)[:, None], other=0.0).to(tl.float32)
             q = (q.to(tl.float32) * cos[None, :] + (sign[None, :] * mate) * sin[None, :]).to(q.dtype)
@@ -186,8 +186,9 @@ def writes_cache(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
 def rotate_write_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                         cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, scale: float, block_s: int = 64) -> torch.Tensor:
     """The new token as the projection left it: q [1, 1, H, D], k and v [1, 1, KV, D], not yet
-    rotated. RoPE with cos/sin [1, D] (float32, interleaved, the angles at pos), the rotated key and
-    the value written into the caches at pos, then decode's attention -> [1, H, 1, D]."""
+    rotated. RoPE with cos/sin (float32, interleaved): the whole tables [N, D], whose row pos the
+    kernel reads, or that row alone [1, D]. The rotated key and the value are written into the
+    caches at pos, then decode's attention -> [1, H, 1, D]."""
     return rotate_write_decode_op(q, k, v, cache_k, cache_v, cos, sin, pos, scale, block_s)
 
 
@@ -200,9 +201,8 @@ def rotate_write_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     assert cache_k.is_contiguous() and cache_v.is_contiguous()  # the kernel writes slot pos at pos * D
     rows = (q.reshape(heads, dim), k.reshape(kv, dim), v.reshape(kv, dim))
     q2, k2, v2 = (t if t.is_contiguous() else t.contiguous() for t in rows)
-    trig = (cos.reshape(dim), sin.reshape(dim))
-    cos1, sin1 = (t if t.is_contiguous() else t.contiguous() for t in trig)
-    return _attend(q2, cache_k, cache_v, pos, scale, block_s, (k2, v2, cos1, sin1))
+    cos2, sin2 = (t.reshape(-1, dim).contiguous() for t in (cos, sin))
+    return _attend(q2, cache_k, cache_v, pos, scale, block_s, (k2, v2, cos2, sin2, dim if cos2.shape[0] > 1 else 0))
 
 
 @rotate_write_decode_op.register_fake
@@ -211,13 +211,14 @@ def _(q, k, v, cache_k, cache_v, cos, sin, pos, scale, block_s):
 
 
 def _attend(q2, cache_k, cache_v, pos, scale, block_s, new=None):
-    """q2 [H, D] -> [1, H, 1, D]; new: (k [KV, D], v [KV, D], cos [D], sin [D]) to rotate and write first."""
+    """q2 [H, D] -> [1, H, 1, D]; new: (k [KV, D], v [KV, D], cos, sin, the stride of their rows: 0 for
+    the row at pos alone) to rotate and write first."""
     heads, dim = q2.shape
     kv = cache_k.shape[1]
     m = torch.empty((kv, SPLITS, QROWS), device=q2.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty((kv, SPLITS, QROWS, dim), device=q2.device, dtype=torch.float32)
-    extra = new if new is not None else (q2, q2, m, m)  # not read without ROPE_WRITE
+    extra = new if new is not None else (q2, q2, m, m, 0)  # not read without ROPE_WRITE
     out = torch.empty((1, heads, 1, dim), device=q2.device, dtype=q2.dtype)
     _partial[(kv, SPLITS)](
         q2, cache_k, cache_v, pos, m, l, acc, scale, cache_k.stride(1), *extra, _tickets(q2.device, kv), out,

@@ -178,7 +178,8 @@ class Attention(nn.Module):
         return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-        """start: the first position, as an int (eager), or a one-element device tensor (decode graph)."""
+        """start: the first position, as an int (eager), or a one-element device tensor (decode graph).
+        cos/sin: the RoPE rows of the positions; in the decode graph, the whole tables (or the row at start)."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(b, t, self.n_heads, self.head_dim)
@@ -188,6 +189,8 @@ class Attention(nn.Module):
             # the decode graph: RoPE, the cache write and attention in the attention kernels
             out = gpu_attention.rotate_write_decode(q, k, v, self.cache.k, self.cache.v, cos, sin, start, self.scale)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if isinstance(start, torch.Tensor) and cos.shape[0] > 1:  # the decode graph's whole tables
+            cos, sin = cos[start], sin[start]
         v = v.transpose(1, 2)
         if b == 1 and gpu_elementwise.usable(x):  # one kernel per tensor instead of eight
             q = gpu_elementwise.rope(q[0], cos, sin)[None].transpose(1, 2)
@@ -367,6 +370,7 @@ def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor
     return out
 
 
+ROPE_TABLES_TO_LAYERS = os.environ.get("ERNIE_ROPE_ROWS", "kernel") != "graph"
 # ERNIE_EXPERT_SUM=reduce weighs and adds a token's expert outputs as one sum over its slots, for comparison.
 EXPERT_SUM_AS_ADDS = os.environ.get("ERNIE_EXPERT_SUM", "adds") != "reduce"
 
@@ -511,7 +515,10 @@ class ErnieForCausalLM(nn.Module):
 
         No host syncs and no data-dependent shapes, so torch.compile can capture it in one CUDA graph.
         """
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        # The layers get the whole RoPE tables; each attention takes the row at pos itself. Taken
+        # here, Inductor copied the row once a layer for the attention operator (round 60's
+        # index_split kernels, 28 a step). ERNIE_ROPE_ROWS=graph takes the rows here, for comparison.
+        cos, sin = (self.rope_cos, self.rope_sin) if ROPE_TABLES_TO_LAYERS else (self.rope_cos[pos], self.rope_sin[pos])
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, pos)
