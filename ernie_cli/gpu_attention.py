@@ -168,9 +168,9 @@ def rotate_write_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     heads, kv, dim = q.shape[2], k.shape[2], q.shape[-1]
     assert cache_k.is_contiguous() and cache_v.is_contiguous()  # the kernel writes slot pos at pos * D
     rows = (q.reshape(heads, dim), k.reshape(kv, dim), v.reshape(kv, dim))
-    q2, k2, v2 = (t if t.is_contiguous() else t.contiguous() for t in rows)
+    q2, k2, v2 = (t.contiguous() for t in rows)  # no copy where already contiguous
     trig = (cos.reshape(dim), sin.reshape(dim))
-    cos1, sin1 = (t if t.is_contiguous() else t.contiguous() for t in trig)
+    cos1, sin1 = (t.contiguous() for t in trig)
     return _attend(q2, cache_k, cache_v, pos, scale, block_s, (k2, v2, cos1, sin1))
 
 
