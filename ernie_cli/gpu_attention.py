@@ -200,7 +200,7 @@ def rotate_write_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
     heads, kv, dim = q.shape[2], k.shape[2], q.shape[-1]
     assert cache_k.is_contiguous() and cache_v.is_contiguous()  # the kernel writes slot pos at pos * D
     rows = (q.reshape(heads, dim), k.reshape(kv, dim), v.reshape(kv, dim))
-    q2, k2, v2 = (t if t.is_contiguous() else t.contiguous() for t in rows)
+    q2, k2, v2 = (t.contiguous() for t in rows)  # no copy where already contiguous
     cos2, sin2 = (t.reshape(-1, dim).contiguous() for t in (cos, sin))
     return _attend(q2, cache_k, cache_v, pos, scale, block_s, (k2, v2, cos2, sin2, dim if cos2.shape[0] > 1 else 0))
 
