@@ -16,11 +16,11 @@ START=$(date +%s)
 source benchmarks/device_env.sh
 exec > >(tee $OUT/log.txt) 2>&1
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
-timeout 200 python3 benchmarks/cuda_parity.py moe 2>&1 | grep "^|\|PARITY\|Error" | tail -12
+timeout 140 python3 benchmarks/cuda_parity.py moe 2>&1 | grep "^|\|PARITY\|Error" | tail -12
 timeout 200 python3 -m pytest -q -rf --tb=short -p no:warnings tests/test_gpu_attention.py tests/test_gpu_attention_writes.py \
   tests/test_gpu_gemv.py 2>&1 | tail -4
 B="python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -o json --compile on -p 0 -n 128 -r 5"
-run bf16_all 150 $B
-run bf16_router_linear 85 env ERNIE_ROUTER_LOGITS=linear $B
-run bf16_expert_reduce 85 env ERNIE_EXPERT_SUM=reduce $B
+run bf16_all 110 $B
+run bf16_router_linear 70 env ERNIE_ROUTER_LOGITS=linear $B
+run bf16_expert_reduce 70 env ERNIE_EXPERT_SUM=reduce $B
 echo "$(( $(date +%s) - START )) s"

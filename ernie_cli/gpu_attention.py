@@ -233,6 +233,13 @@ def _attend(q2, cache_k, cache_v, pos, scale, block_s, new=None):
 _TICKETS: dict[torch.device, torch.Tensor] = {}
 
 
+def reserve_tickets(device: torch.device, kv: int) -> None:
+    """Allocate the counters before a step is compiled. Made lazily during torch.compile's CUDA-graph
+    warm-up, they came from the graph's private memory pool and outlived it, which its check
+    refuses (round 62: every compiled bench failed)."""
+    _tickets(torch.device(device), kv)
+
+
 def _tickets(device: torch.device, kv: int) -> torch.Tensor:
     """One counter per KV head, zero between launches (each launch's last programs reset theirs),
     so every layer and step shares them: launches on one stream do not overlap. Kept for the
