@@ -1,6 +1,7 @@
 """Check the CUDA path against transformers' eager float32 reference on the same GPU.
 
-Usage (on a CUDA machine, from the repository root): python benchmarks/cuda_parity.py
+Usage (on a CUDA machine, from the repository root): python benchmarks/cuda_parity.py [SHAPE ...]
+(all of tests/tiny_models.py's shapes when none are named)
 Prints one row per checkpoint shape: fp32 max |diff| of logits, greedy 32-token agreement (with a
 repetition penalty so the tiny random models do not repeat one token), and bf16 KL / top-1 against
 the fp32 reference.
@@ -51,7 +52,7 @@ def main() -> None:
     dev = torch.device("cuda")
     rows, compiled = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in SHAPES:
+        for shape in sys.argv[1:] or SHAPES:
             path, _ = write_checkpoint(Path(tmp) / shape, shape)
             ref = load_reference(path).to(dev)
             ids = torch.randint(3, 500, (2, 33), generator=torch.Generator().manual_seed(3)).to(dev)

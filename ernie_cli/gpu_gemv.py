@@ -93,16 +93,30 @@ if triton is not None:
     _keep = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
     @triton.jit
-    def _program_rows(idx_ptr, N, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr):
+    def _program_rows(N, BLOCK_N: tl.constexpr):
         # The grid is (blocks of BLOCK_N rows, slots): slot p multiplies expert idx[p] (or the one
         # matrix) by its x and writes output row p.
-        slot = tl.program_id(1)
-        if HAS_IDX:
-            e = tl.load(idx_ptr + slot).to(tl.int64)
-        else:
-            e = 0
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        return slot, e, rows, rows < N
+        return tl.program_id(1), rows, rows < N
+
+    # ERNIE_GEMV_IDX_LOOKS_WRITTEN=1 passes the rows through a call that also takes idx_ptr, as the
+    # kernels were before: Inductor then copies idx before every launch again. For the A/B only.
+    _IDX_LOOKS_WRITTEN = tl.constexpr(os.environ.get("ERNIE_GEMV_IDX_LOOKS_WRITTEN", "0") == "1")
+
+    @triton.jit
+    def _passed_through(idx_ptr, rows, row_ok):
+        return rows, row_ok
+
+    @triton.jit
+    def _program_expert(idx_ptr, HAS_IDX: tl.constexpr):
+        # A call of its own, apart from _program_rows: Inductor's analysis takes every result of a
+        # call to depend on every argument, so with idx_ptr there the output's address "came from"
+        # idx, idx counted as written, and the decode graph copied it before every launch (two copy
+        # kernels a MoE layer, round 60; tests/test_gpu_gemv.py checks the analysis).
+        if HAS_IDX:
+            return tl.load(idx_ptr + tl.program_id(1)).to(tl.int64)
+        else:
+            return 0
 
     def _int4_configs():
         # BLOCK_W = 64 words divides K/8 of every 21B-A3B matrix (2560, 1536, 3072 and 12288 columns), so
@@ -132,7 +146,10 @@ if triton is not None:
         # per nibble, and broadcast over the rows; a group's words are summed in registers. The byte
         # loop (_gemv) spends about 12 SASS instructions a weight (one-byte loads with a mask each,
         # layout shuffles); this one about 4.3 (docs/performance.md, sixth session).
-        slot, e, rows, row_ok = _program_rows(idx_ptr, N, BLOCK_N, HAS_IDX)
+        slot, rows, row_ok = _program_rows(N, BLOCK_N)
+        e = _program_expert(idx_ptr, HAS_IDX)
+        if _IDX_LOOKS_WRITTEN:
+            rows, row_ok = _passed_through(idx_ptr, rows, row_ok)
         NGW: tl.constexpr = BLOCK_W // GROUP_WORDS
         G: tl.constexpr = (K8 + GROUP_WORDS - 1) // GROUP_WORDS  # the last group may be partial
         EVEN: tl.constexpr = K8 % BLOCK_W == 0
@@ -210,7 +227,10 @@ if triton is not None:
         # largest |x|), as llama.cpp's q8_1 activations. Every program rounds x itself: a separate
         # kernel would cost a launch per product. That replicated work is why matrices of few rows
         # per program (int8's shared experts) ran slower here than in _gemv (round 33).
-        slot, e, rows, row_ok = _program_rows(idx_ptr, N, BLOCK_N, HAS_IDX)
+        slot, rows, row_ok = _program_rows(N, BLOCK_N)
+        e = _program_expert(idx_ptr, HAS_IDX)
+        if _IDX_LOOKS_WRITTEN:
+            rows, row_ok = _passed_through(idx_ptr, rows, row_ok)
         NGW: tl.constexpr = BLOCK_W // GROUP_WORDS
         EVEN: tl.constexpr = KW % BLOCK_W == 0
         COLS: tl.constexpr = 8 if FMT == 2 else 4  # columns a word holds
@@ -275,7 +295,10 @@ if triton is not None:
         FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        slot, e, rows, row_ok = _program_rows(idx_ptr, N, BLOCK_N, HAS_IDX)
+        slot, rows, row_ok = _program_rows(N, BLOCK_N)
+        e = _program_expert(idx_ptr, HAS_IDX)
+        if _IDX_LOOKS_WRITTEN:
+            rows, row_ok = _passed_through(idx_ptr, rows, row_ok)
         x_base = x_ptr + slot * x_slot_stride
         if FMT == 2:
             # The codes are put back in column order in registers (join + reshape) so that x is read

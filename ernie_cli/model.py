@@ -178,7 +178,8 @@ class Attention(nn.Module):
         return self.qkv_proj(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-        """start: the first position, as an int (eager), or a one-element device tensor (decode graph)."""
+        """start: the first position, as an int (eager), or a one-element device tensor (decode graph).
+        cos/sin: the RoPE rows of the positions; in the decode graph, the whole tables (or the row at start)."""
         b, t, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(b, t, self.n_heads, self.head_dim)
@@ -188,6 +189,8 @@ class Attention(nn.Module):
             # the decode graph: RoPE, the cache write and attention in the attention kernels
             out = gpu_attention.rotate_write_decode(q, k, v, self.cache.k, self.cache.v, cos, sin, start, self.scale)
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if isinstance(start, torch.Tensor) and cos.shape[0] > 1:  # the decode graph's whole tables
+            cos, sin = cos[start], sin[start]
         v = v.transpose(1, 2)
         if b == 1 and gpu_elementwise.usable(x):  # one kernel per tensor instead of eight
             q = gpu_elementwise.rope(q[0], cos, sin)[None].transpose(1, 2)
@@ -251,7 +254,10 @@ class Router(nn.Module):
         self.always = 0  # experts after the routed ones that every token takes at weight 1 (MoE.fuse_shared_experts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight)
+        if gpu_router.sums_logits(x):
+            logits = gpu_router.one_token_logits(x, self.weight)
+        else:
+            logits = F.linear(x.float(), self.weight)
         if gpu_router.usable(logits):
             return gpu_router.route(logits, self.e_score_correction_bias, self.top_k, self.norm_min, x.dtype, self.always)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
@@ -364,6 +370,11 @@ def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor
     return out
 
 
+ROPE_TABLES_TO_LAYERS = os.environ.get("ERNIE_ROPE_ROWS", "kernel") != "graph"
+# ERNIE_EXPERT_SUM=reduce weighs and adds a token's expert outputs as one sum over its slots, for comparison.
+EXPERT_SUM_AS_ADDS = os.environ.get("ERNIE_EXPERT_SUM", "adds") != "reduce"
+
+
 def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down, down_takes_gate_up: bool = False) -> torch.Tensor:
     """One token through its k experts with kernels that take all k at once: gate_up(x [H], experts)
     -> [k, 2I] and down(h [k, I], experts) -> [k, H], each expert's rows read once. down_takes_gate_up:
@@ -374,7 +385,17 @@ def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate
         gate, up = gu.chunk(2, dim=-1)
         gu = (F.silu(gate) * up).contiguous()
     y = down(gu, experts)
-    return (y * weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
+    if not EXPERT_SUM_AS_ADDS:
+        return (y * weights[0, :, None]).sum(0, keepdim=True).to(x.dtype)
+    y, w = y.float(), weights[0].float()
+    # k - 1 additions, not a sum over slots: Inductor turns a reduction into pointwise code only
+    # below 8 items (config.unroll_reductions_threshold). With the shared experts in the stack a
+    # token takes 8, so the sum was a kernel of its own in every MoE layer of the decode graph
+    # (round 60); as additions it joins the kernel of the residual add and the next norm.
+    out = y[0] * w[0]
+    for slot in range(1, y.shape[0]):
+        out = out + y[slot] * w[slot]
+    return out[None].to(x.dtype)
 
 
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -488,13 +509,18 @@ class ErnieForCausalLM(nn.Module):
             layer.self_attn.cache = KVCache(batch, cfg.num_key_value_heads, max_seq, cfg.head_dim, dtype, device)
         self.rope_cos, self.rope_sin = rope_table(cfg.head_dim, cfg.rope_theta, max_seq, device)
         self.max_seq = max_seq
+        if torch.device(device).type == "cuda":
+            gpu_attention.reserve_tickets(device, cfg.num_key_value_heads)
 
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One new token per sequence at position pos (a one-element int64 device tensor) -> logits [B, V].
 
         No host syncs and no data-dependent shapes, so torch.compile can capture it in one CUDA graph.
         """
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        # The layers get the whole RoPE tables; each attention takes the row at pos itself. Taken
+        # here, Inductor copied the row once a layer for the attention operator (round 60's
+        # index_split kernels, 28 a step). ERNIE_ROPE_ROWS=graph takes the rows here, for comparison.
+        cos, sin = (self.rope_cos, self.rope_sin) if ROPE_TABLES_TO_LAYERS else (self.rope_cos[pos], self.rope_sin[pos])
         x = self.embed_tokens(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, pos)

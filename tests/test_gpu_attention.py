@@ -29,9 +29,9 @@ def _reference(q, k, v, length, scale):
 
 
 @pytest.mark.parametrize("heads, kv, dim", [(20, 4, 128), (8, 2, 64), (16, 16, 64)])
-@pytest.mark.parametrize("capacity, length", [(256, 1), (256, 64), (256, 65), (512, 300), (8448, 8193)])
+@pytest.mark.parametrize("capacity, length", [(256, 1), (256, 64), (256, 65), (512, 300), (1024, 1024), (8448, 8193)])
 def test_decode_attention_against_float64_and_sdpa(heads, kv, dim, capacity, length):
-    """Lengths: one key; exactly one block; one past a block; 16 uneven stretches; 8k context."""
+    """Lengths: one key; exactly one block; one past a block; 16 uneven stretches; 16 full ones; 8k context."""
     gen = torch.Generator().manual_seed(length)
     q = torch.randn(1, heads, 1, dim, generator=gen).bfloat16()
     k = torch.randn(1, kv, capacity, dim, generator=gen).bfloat16()

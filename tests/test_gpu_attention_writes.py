@@ -37,9 +37,12 @@ def _cache(kv, capacity, dim, pos, dtype, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, kv, dim", [(20, 4, 128), (8, 2, 64), (16, 16, 64)])
-@pytest.mark.parametrize("capacity, pos", [(256, 0), (256, 63), (256, 64), (512, 299), (8448, 8192)])
-def test_rotates_writes_and_attends(dtype, heads, kv, dim, capacity, pos):
-    """Positions: the first; last of a block; first of the next; uneven stretches; 8k context."""
+@pytest.mark.parametrize("capacity, pos", [(256, 0), (256, 63), (256, 64), (512, 299), (1024, 1023), (8448, 8192)])
+@pytest.mark.parametrize("trig", ["row", "table"])
+def test_rotates_writes_and_attends(dtype, heads, kv, dim, capacity, pos, trig):
+    """Positions: the first; last of a block; first of the next; uneven stretches; every one of the
+    16 stretches full (the last one too, whose weighing a combine could skip); 8k context. The
+    operator is given the angles at pos alone, or the whole tables (the decode graph's way)."""
     q, k, v = _new_token(heads, kv, dim, dtype, seed=pos + dim)
     cache_k, cache_v = _cache(kv, capacity, dim, pos, dtype, seed=pos)
     cos_table, sin_table = rope_table(dim, 500000.0, capacity)
@@ -50,7 +53,8 @@ def test_rotates_writes_and_attends(dtype, heads, kv, dim, capacity, pos):
     keys, values = cache_k.clone(), cache_v.clone()
     keys[:, :, pos], values[:, :, pos] = k_rot[:, :, 0], v[:, 0]
 
-    dev = [t.to(DEVICE) for t in (q, k, v, cache_k, cache_v, cos, sin)]
+    given = (cos, sin) if trig == "row" else (cos_table, sin_table)
+    dev = [t.to(DEVICE) for t in (q, k, v, cache_k, cache_v, *given)]
     position = torch.tensor([pos], device=DEVICE)
     out = gpu_attention.rotate_write_decode(*dev, position, dim**-0.5)[0, :, 0].double().cpu()
     got_k, got_v = dev[3].cpu(), dev[4].cpu()
@@ -101,7 +105,7 @@ def test_compiled_writes_into_the_cache_in_place():
     with torch.no_grad():
         for t, (q, k, v) in enumerate(tokens):
             pos.fill_(t)
-            args = [x.to(DEVICE) for x in (q, k, v, cos_table[t : t + 1], sin_table[t : t + 1])] + [pos]
+            args = [x.to(DEVICE) for x in (q, k, v, cos_table, sin_table)] + [pos]  # the tables, as the decode graph gives them
             want = eager(*args)
             if t == 0:
                 got, codes = run_and_get_code(compiled, *args)
@@ -148,12 +152,12 @@ def test_attention_layer_takes_the_operator_in_the_decode_step(monkeypatch):
         for t in range(6):
             pos.fill_(t)
             x = torch.randn(1, 1, cfg.hidden_size, generator=gen).to(DEVICE, torch.float16)
-            cos, sin = cos_table[pos], sin_table[pos]
+            # the whole tables, as decode_step gives them; the torch branch takes the row at pos
             monkeypatch.setattr(gpu_attention, "writes_cache", lambda q, k: True)
-            got = fused(x, cos, sin, pos).float().cpu()
+            got = fused(x, cos_table, sin_table, pos).float().cpu()
             monkeypatch.setattr(gpu_attention, "writes_cache", lambda q, k: False)
             monkeypatch.setattr(gpu_attention, "usable", lambda q, k: False)  # the masked SDPA
-            want = plain(x, cos, sin, pos).float().cpu()
+            want = plain(x, cos_table, sin_table, pos).float().cpu()
             monkeypatch.undo()
             assert torch.equal(fused.cache.k[:, :, : t + 1].cpu(), plain.cache.k[:, :, : t + 1].cpu()), t
             assert torch.equal(fused.cache.v[:, :, : t + 1].cpu(), plain.cache.v[:, :, : t + 1].cpu()), t

@@ -143,3 +143,36 @@ def test_router_kernel_picks_and_weighs_like_torch(experts, k, always):
     assert ((w[:, :k].double().cpu() - ref_w).abs() <= 2e-6 * ref_w.abs()).all()
     assert torch.equal(idx[:, k:].cpu(), torch.arange(experts, experts + always).expand(33, -1))
     assert torch.equal(w[:, k:].cpu(), torch.ones(33, always))
+
+
+@pytest.mark.parametrize("kernel", ["_gemv", "_gemv_int4", "_gemv_dp4a"])
+def test_torch_compile_sees_only_the_output_written(kernel):
+    """torch.compile copies, before each launch, every tensor its analysis of a Triton kernel finds
+    written. The GEMVs write only out. The expert ids idx, which they only read, used to count as
+    written: the decode graph then copied them before every expert GEMV, two kernels a MoE layer
+    (round 60). The analysis is torch's own, on the kernel as the graph launches it."""
+    fn = getattr(gpu_gemv, kernel)
+    while not isinstance(fn, gpu_gemv.triton.runtime.jit.JITFunction):  # the autotuner and heuristics wrappers
+        fn = fn.fn
+    t = lambda *shape, dtype=torch.bfloat16: torch.empty(shape, dtype=dtype, device="cuda")  # noqa: E731
+    common = dict(x_ptr=t(8, 256), x_slot_stride=256, idx_ptr=t(8, dtype=torch.int64), s_ptr=t(5, 64, 4), z_ptr=t(5, 64, 4),
+                  out_ptr=t(8, 64), N=64, P=8, w_expert_stride=64 * 256, s_expert_stride=256, w_row_stride=256, s_row_stride=4,
+                  HAS_IDX=True, BLOCK_N=16)
+    if kernel == "_gemv":
+        args = dict(common, w_ptr=t(5, 64, 256), K=256, FMT=0, GROUP=64, BLOCK_K=128)
+    elif kernel == "_gemv_int4":
+        args = dict(common, w_ptr=t(5, 64, 32, dtype=torch.int32), K8=32, GROUP_WORDS=8, BLOCK_W=32, EVEN_N=True)
+    else:
+        args = dict(common, w_ptr=t(5, 64, 32, dtype=torch.int32), KW=32, FMT=2, GROUP_WORDS=8, BLOCK_W=32, EVEN_N=True,
+                    EMULATE=False, SWIGLU=False)
+    assert _written_by(fn, args) == {"out_ptr"}, _written_by(fn, args)
+
+
+def _written_by(fn, args) -> set[str]:
+    """The arguments torch.compile takes the kernel to write. On an error in its analysis, torch
+    takes every tensor for written, so a broken analysis fails the test rather than passing it."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    if hasattr(wrap, "identify_accessed_tensors"):  # torch 2.12 on
+        return {d.name for d in wrap.identify_accessed_tensors(fn, args, {}).read_writes.writes}
+    return set(wrap.identify_mutated_tensors(fn, args, {}))  # torch 2.11, the device's

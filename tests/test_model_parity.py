@@ -192,3 +192,47 @@ def test_shared_experts_moved_into_the_expert_stack_match_transformers(checkpoin
         assert (ours(ids, 0, all_logits=True) - ref(ids).logits).abs().max().item() < TOL
         moes[0].experts.forward = moes[0].experts.gathered
         assert (moes[0](x[None]) - plain.layers[1].mlp(x[None])).abs().max().item() < 1e-5
+
+
+def test_router_logits_as_a_sum_in_the_compiled_step_match_transformers(checkpoints, monkeypatch):
+    """The CUDA decode graph takes the router's logits as gpu_router.one_token_logits (a product and a
+    sum, which Inductor makes one kernel) instead of F.linear. Here that branch is forced on the CPU,
+    compiled as on CUDA: teacher-forced one-token steps must give transformers' logits within TOL."""
+    from ernie_cli import gpu_router
+    from ernie_cli.generate import Decoder
+
+    path, ref = checkpoints("moe")
+    model = load_model(path, "cpu", torch.float32)
+    monkeypatch.setattr(gpu_router, "sums_logits", lambda x: x.shape[0] == 1 and torch.compiler.is_compiling())
+    ids = _prompt(n=12)
+    with torch.no_grad():
+        expected = ref(ids).logits[0]
+        model.setup_cache(1, 16)
+        model(ids[:, :4], 0)
+        decoder = Decoder(model, compile=True)
+        steps = torch.stack([decoder(ids[:, p : p + 1], p).reshape(-1) for p in range(4, 12)])
+    assert (steps - expected[4:12]).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("dtype, eps", [(torch.float32, 1e-6), (torch.bfloat16, 2.0**-8)])
+def test_selected_experts_are_weighed_and_added_once_rounded(dtype, eps):
+    """run_selected, the one-token expert path of the CUDA decode graph and the native CPU kernels,
+    adds a token's 8 weighed expert outputs one by one in float32 (so that Inductor can fold them into
+    the next norm's kernel) and rounds once: float64 of the same outputs and weights, within the
+    output dtype's rounding."""
+    from ernie_cli.model import run_selected
+
+    gen = torch.Generator().manual_seed(5)
+    h, e, k = 96, 10, 8
+    w1, w2 = torch.randn(e, 64, h, generator=gen), torch.randn(e, h, 32, generator=gen)
+    x = torch.randn(1, h, generator=gen).to(dtype)
+    weights = torch.rand(1, k, generator=gen).to(dtype)
+    idx = torch.randperm(e, generator=gen)[:k][None]
+    gate_up = lambda v, ex: (w1[ex].to(dtype) @ v)  # noqa: E731
+    down = lambda g, ex: torch.bmm(w2[ex].to(dtype), g[:, :, None])[:, :, 0]  # noqa: E731
+    got = run_selected(x, weights, idx, gate_up, down)
+    gate, up = gate_up(x[0], idx[0]).chunk(2, dim=-1)
+    y = down((torch.nn.functional.silu(gate) * up).contiguous(), idx[0]).double()
+    want = (y * weights[0, :, None].double()).sum(0, keepdim=True)
+    assert got.dtype == dtype and got.shape == (1, h)
+    assert ((got.double() - want).abs() <= eps * want.abs() + 1e-5 * (y.abs() * weights[0, :, None].double()).sum(0)).all()
