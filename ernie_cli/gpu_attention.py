@@ -7,8 +7,8 @@ mask's own kernel), 8% of a bf16 step (docs/performance.md). Here the filled len
 position tensor on the GPU, so only filled slots are read, and the grid stays fixed: SPLITS
 programs per KV head each take one stretch of the positions, with the GROUP query heads that share
 that KV head as the rows of one tensor-core product; a second kernel weighs the stretches' partial
-sums by their softmax maxima. By default that weighing is done by the last of a KV head's programs
-to finish, which a counter in memory tells, so a layer's attention is one launch.
+sums by their softmax maxima. (Having the last of a KV head's programs to finish do that weighing, told
+by an atomic counter, saved the launch but measured 3.7% slower a bf16 step, round 67; removed.)
 
 The first kernel can also take the new token's query, key and value as the projection left them:
 it rotates them (RoPE) and writes the key and value into the cache itself
@@ -32,9 +32,6 @@ _DOT_IN_FLOAT32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ENABLED = os.environ.get("ERNIE_DECODE_ATTENTION", "triton") != "sdpa"  # sdpa: the masked SDPA, for comparison
 # ERNIE_ATTENTION_WRITES_CACHE=0: RoPE and the cache write stay in the graph as torch ops, for comparison.
 WRITES_CACHE = os.environ.get("ERNIE_ATTENTION_WRITES_CACHE", "1") != "0"
-# ERNIE_ATTENTION_COMBINE=kernel: the stretches' partial sums are combined by a second kernel, for
-# comparison; by default the last program of each KV head to finish combines them.
-COMBINE_IN_PARTIAL = os.environ.get("ERNIE_ATTENTION_COMBINE", "last") != "kernel"
 
 
 def usable(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
@@ -53,9 +50,9 @@ if triton is not None:
     @triton.jit
     def _partial(
         q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale, kv_stride,
-        k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, trig_stride, tickets_ptr, out_ptr,
+        k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, trig_stride,
         GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, QROWS: tl.constexpr, BLOCK_S: tl.constexpr,
-        F32: tl.constexpr, ROPE_WRITE: tl.constexpr, COMBINE: tl.constexpr,
+        F32: tl.constexpr, ROPE_WRITE: tl.constexpr,
     ):
         kv = tl.program_id(0)
         split = tl.program_id(1)
@@ -114,33 +111,6 @@ if triton is not None:
         tl.store(m_ptr + out, m)
         tl.store(l_ptr + out, l)
         tl.store(acc_ptr + out[:, None] * D + d[None, :], acc)
-        if COMBINE:
-            # Every thread's stores come before the ticket (the barrier); the ticket's release and
-            # acquire order them before the last program's loads, which skip L1 (.cg), where a line
-            # read earlier could be stale. The last program puts the counter back to 0 for the next launch.
-            tl.debug_barrier()
-            if tl.atomic_add(tickets_ptr + kv, 1, sem="acq_rel") == SPLITS - 1:
-                _weigh_stretches(m_ptr, l_ptr, acc_ptr, out_ptr, kv, r, d, GROUP, D, SPLITS, QROWS)
-                tl.atomic_xchg(tickets_ptr + kv, 0)
-
-    @triton.jit
-    def _weigh_stretches(m_ptr, l_ptr, acc_ptr, out_ptr, kv, r, d, GROUP: tl.constexpr, D: tl.constexpr,
-                         SPLITS: tl.constexpr, QROWS: tl.constexpr):
-        """_combine's arithmetic for the GROUP query heads of one KV head, a stretch at a time."""
-        sp = tl.arange(0, SPLITS)
-        top = tl.max(tl.load(m_ptr + (kv * SPLITS + sp)[:, None] * QROWS + r[None, :], cache_modifier=".cg"), 0)
-        total = tl.zeros((QROWS,), tl.float32)
-        acc = tl.zeros((QROWS, D), tl.float32)
-        for split in tl.static_range(SPLITS):
-            rows = (kv * SPLITS + split) * QROWS + r
-            m = tl.load(m_ptr + rows, cache_modifier=".cg")
-            w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)  # empty stretches weigh nothing
-            total += w * tl.load(l_ptr + rows, cache_modifier=".cg")
-            acc += w[:, None] * tl.load(acc_ptr + rows[:, None] * D + d[None, :], mask=(r < GROUP)[:, None], other=0.0,
-                                        cache_modifier=".cg")  # rows past GROUP are padding, not read
-        head = kv * GROUP + r
-        tl.store(out_ptr + head[:, None] * D + d[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=(r < GROUP)[:, None])
 
     @triton.jit
     def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, QROWS: tl.constexpr):
@@ -221,29 +191,10 @@ def _attend(q2, cache_k, cache_v, pos, scale, block_s, new=None):
     extra = new if new is not None else (q2, q2, m, m, 0)  # not read without ROPE_WRITE
     out = torch.empty((1, heads, 1, dim), device=q2.device, dtype=q2.dtype)
     _partial[(kv, SPLITS)](
-        q2, cache_k, cache_v, pos, m, l, acc, scale, cache_k.stride(1), *extra, _tickets(q2.device, kv), out,
+        q2, cache_k, cache_v, pos, m, l, acc, scale, cache_k.stride(1), *extra,
         GROUP=heads // kv, D=dim, SPLITS=SPLITS, QROWS=QROWS, BLOCK_S=block_s, F32=_DOT_IN_FLOAT32,
-        ROPE_WRITE=new is not None, COMBINE=COMBINE_IN_PARTIAL, enable_fp_fusion=new is None,
+        ROPE_WRITE=new is not None, enable_fp_fusion=new is None,
     )
-    if not COMBINE_IN_PARTIAL:
-        _combine[(heads,)](m, l, acc, out, GROUP=heads // kv, D=dim, SPLITS=SPLITS, QROWS=QROWS)
+    _combine[(heads,)](m, l, acc, out, GROUP=heads // kv, D=dim, SPLITS=SPLITS, QROWS=QROWS)
     return out
 
-
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def reserve_tickets(device: torch.device, kv: int) -> None:
-    """Allocate the counters before a step is compiled. Made lazily during torch.compile's CUDA-graph
-    warm-up, they came from the graph's private memory pool and outlived it, which its check
-    refuses (round 62: every compiled bench failed)."""
-    _tickets(torch.device(device), kv)
-
-
-def _tickets(device: torch.device, kv: int) -> torch.Tensor:
-    """One counter per KV head, zero between launches (each launch's last programs reset theirs),
-    so every layer and step shares them: launches on one stream do not overlap. Kept for the
-    process, so a CUDA graph that captured their address can replay."""
-    if device not in _TICKETS or _TICKETS[device].numel() < kv:
-        _TICKETS[device] = torch.zeros(max(kv, 64), dtype=torch.int32, device=device)
-    return _TICKETS[device]

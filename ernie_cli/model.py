@@ -509,8 +509,6 @@ class ErnieForCausalLM(nn.Module):
             layer.self_attn.cache = KVCache(batch, cfg.num_key_value_heads, max_seq, cfg.head_dim, dtype, device)
         self.rope_cos, self.rope_sin = rope_table(cfg.head_dim, cfg.rope_theta, max_seq, device)
         self.max_seq = max_seq
-        if torch.device(device).type == "cuda":
-            gpu_attention.reserve_tickets(device, cfg.num_key_value_heads)
 
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One new token per sequence at position pos (a one-element int64 device tensor) -> logits [B, V].
