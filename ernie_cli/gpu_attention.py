@@ -24,9 +24,7 @@ import torch
 from ernie_cli import gpu_gemv
 from ernie_cli.gpu_gemv import tl, triton
 
-# Stretches per KV head: 4 KV heads x 16 = 64 programs, and 8,192 cached tokens give each 512.
-# ERNIE_ATTENTION_SPLITS=32: twice the programs, half the stretch each (for comparison at depth).
-SPLITS = int(os.environ.get("ERNIE_ATTENTION_SPLITS", "16"))
+SPLITS = 16  # stretches per KV head: 4 KV heads x 16 = 64 programs, and 8,192 cached tokens give each 512
 QROWS = 16  # query rows of a program, padded up from GROUP for tl.dot
 # The Triton interpreter multiplies bf16 tensors by their bit patterns in tl.dot; there the kernel
 # multiplies in float32 instead, so the tests under the interpreter check the rest of it.
