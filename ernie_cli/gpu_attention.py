@@ -197,4 +197,3 @@ def _attend(q2, cache_k, cache_v, pos, scale, block_s, new=None):
     )
     _combine[(heads,)](m, l, acc, out, GROUP=heads // kv, D=dim, SPLITS=SPLITS, QROWS=QROWS)
     return out
-
