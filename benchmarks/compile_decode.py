@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from ernie_cli import gpu_attention
+from ernie_cli.kernels.triton import attention as gpu_attention
 fn = gpu_attention._partial
 params = list(inspect.signature(fn.fn).parameters)
 types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",

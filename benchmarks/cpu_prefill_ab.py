@@ -17,7 +17,7 @@ import torch
 from ernie_cli.bench import BenchCase, run_test
 from ernie_cli.config import parse_config
 from ernie_cli.loader import quantize_model, random_model
-from ernie_cli.quant import native
+from ernie_cli.kernels.cpu import native
 
 layers = int(sys.argv[1]) if len(sys.argv) > 1 else 8
 fmt = sys.argv[2] if len(sys.argv) > 2 else "int4"

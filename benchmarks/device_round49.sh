@@ -11,4 +11,4 @@ B="python3 -m ernie_cli bench --config $CFG --device cuda --dtype bfloat16 -o js
 cd _main; run main_int8 80 ${B/$CFG/..\/$CFG} --quantize int8; cd ..
 run branch_int8 80 env ERNIE_SHARED_IN_EXPERTS=1 ERNIE_WEIGHTED_DOWN=0 $B --quantize int8
 cd _main; run main_int4 80 ${B/$CFG/..\/$CFG} --quantize int4; cd ..
-(cd _main && python3 -c "import ernie_cli.gpu_gemv as g; print('main package from', g.__file__, hasattr(g, 'WEIGHTED_DOWN'))")
+(cd _main && python3 -c "import ernie_cli.kernels.triton.gemv as g; print('main package from', g.__file__, hasattr(g, 'WEIGHTED_DOWN'))")

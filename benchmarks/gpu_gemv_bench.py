@@ -21,7 +21,7 @@ import sys
 import torch
 import triton
 
-from ernie_cli import gpu_gemv
+from ernie_cli.kernels.triton import gemv as gpu_gemv
 from ernie_cli.quant import formats
 
 CALLS, REPLAYS = 100, 20

@@ -36,7 +36,7 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def run(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = ids.to(model.device)
-    prefill = model(ids, 0, all_logits=True).float().cpu()
+    prefill = model(ids).float().cpu()
     model.setup_cache(1, ids.shape[1] + 1)
     model(ids[:1, : ids.shape[1] - steps], 0)
     decode = [model(ids[:1, p : p + 1], p).float().cpu() for p in range(ids.shape[1] - steps, ids.shape[1])]

@@ -113,7 +113,7 @@ def tiny_kl() -> None:
             ref = load_reference(src)
             with torch.no_grad():
                 expected = ref(ids).logits
-                bf = load_model(src, "cpu", torch.bfloat16)(ids, 0, all_logits=True).float()
+                bf = load_model(src, "cpu", torch.bfloat16)(ids).float()
             k = kl(expected, bf)
             print(f"{shape:<6} {'bf16 (no quantization)':<26} {k.mean():.2e} / {k.quantile(0.99):.2e} / {100 * (bf.argmax(-1) == expected.argmax(-1)).double().mean():.1f}%")
             for fmt, g, steps in [("int8", None, 0)] + [("int4", g, s) for g in (32, 64, 128) for s in (0, 4)]:
@@ -121,7 +121,7 @@ def tiny_kl() -> None:
                 spec = QuantSpec.make(fmt, g, refine_steps=steps)
                 quantize_checkpoint(src, out, spec)
                 with torch.no_grad():
-                    got = load_model(out, "cpu", torch.float32)(ids, 0, all_logits=True)
+                    got = load_model(out, "cpu", torch.float32)(ids)
                 k = kl(expected, got)
                 label = fmt + (f" g{g} " + ("RTN" if steps == 0 else f"refined x{steps}") if g else "")
                 print(f"{shape:<6} {label:<26} {k.mean():.2e} / {k.quantile(0.99):.2e} / {100 * (got.argmax(-1) == expected.argmax(-1)).double().mean():.1f}%")

@@ -5,8 +5,8 @@ branch closes; weights per thread per step = BLOCK_N x BLOCK_K / threads.
 Usage (any machine; Triton 3.6.0, the device's version, installed beside torch's CPU build, e.g.
 `pip install --no-deps --target /tmp/tri36 triton==3.6.0`):
     PYTHONPATH=/tmp/tri36 python benchmarks/sass_count.py [path/to/gpu_gemv.py]
-The file defaults to this checkout's ernie_cli/gpu_gemv.py; pass an older revision's copy
-(git show REV:ernie_cli/gpu_gemv.py > /tmp/old.py) to count its kernels. Shapes: K = 2560 (the
+The file defaults to this checkout's ernie_cli/kernels/triton/gemv.py; pass an older revision's copy
+(git show REV:ernie_cli/kernels/triton/gemv.py > /tmp/old.py) to count its kernels. Shapes: K = 2560 (the
 hidden size), group 64, bf16 activations, experts picked by index; divisibility hints as the Triton
 runtime gives them for these shapes.
 """

@@ -1,9 +1,9 @@
-"""Whether two revisions of ernie_cli/gpu_gemv.py compile to the same sm_90 machine code, kernel by
+"""Whether two revisions of ernie_cli/kernels/triton/gemv.py compile to the same sm_90 machine code, kernel by
 kernel: the check that a refactor of the kernels changed nothing that a GPU would run, made without
 a GPU (see benchmarks/sass_count.py for the set-up).
 
 Usage: PYTHONPATH=/tmp/tri36 python benchmarks/sass_same.py OLD.py [NEW.py]
-(NEW defaults to this checkout's file; git show REV:ernie_cli/gpu_gemv.py > OLD.py gives an old one.)
+(NEW defaults to this checkout's file; git show REV:ernie_cli/kernels/triton/gemv.py > OLD.py gives an old one.)
 """
 
 from __future__ import annotations

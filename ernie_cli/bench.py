@@ -96,7 +96,7 @@ def weight_bytes_per_token(model: ErnieForCausalLM) -> int:
     embedding table (one row is looked up), plus the whole head matrix (tied or not).
 
     A stack of n experts is read for k of its E routed experts and for every expert beyond E: the
-    shared experts that the CUDA decode graph moves into the stack (model.MoE.fuse_shared_experts)
+    shared experts that the CUDA decode graph moves into the stack (fuse.shared_into_experts)
     are read by every token, as they were as a separate MLP."""
     cfg = model.config
     expert_prefixes = tuple(
@@ -163,13 +163,13 @@ def _peak(device: torch.device) -> int:
 def _run_once(decoder: Decoder, spec: BenchCase, ids: torch.Tensor, clock: _Clock) -> tuple[float, float]:
     """One repetition: returns (timed seconds, seconds to the first new token)."""
     model = decoder.model
-    model.setup_cache(1, spec.depth + max(spec.prompt, 1) + spec.generate + 1)
+    cache = decoder.reserve(spec.depth + max(spec.prompt, 1) + spec.generate + 1)
     pos = 0
     if spec.depth:
-        model(ids[:, : spec.depth], 0)
+        model(ids[:, : spec.depth], 0, cache, last=spec.depth - 1)
         pos = spec.depth
     if not spec.prompt:  # a decode-only test still needs one token in place before the first step
-        model(ids[:, pos : pos + 1], pos)
+        model(ids[:, pos : pos + 1], pos, cache)
         pos += 1
     start = clock.now()
     first = None

@@ -18,7 +18,7 @@ from ernie_cli.config import ErnieConfig, load_config
 from ernie_cli.detokenize import StreamingDetokenizer
 from ernie_cli.errors import ErnieError
 from ernie_cli.generate import Decoder, Timings, generate, use_compile
-from ernie_cli.loader import kv_cache_bytes, load_model, resolve_device, resolve_dtype
+from ernie_cli.loader import kv_cache_bytes, load_model, prepare_for_decoding, resolve_device, resolve_dtype
 from ernie_cli.model import ErnieForCausalLM
 from ernie_cli.sampling import Sampler, SamplingParams
 from ernie_cli.tokenizer import ErnieTokenizer, load_tokenizer
@@ -74,7 +74,8 @@ def load_runtime(
     reserve = kv_cache_bytes(cfg, min(context, 8192), resolve_dtype(dtype, cfg, dev))
     kwargs = {"quantize": quantize} if quantize else {}
     model = load_model(model_dir, dev, dtype, progress=progress, reserve_bytes=reserve, **kwargs)
-    decoder = Decoder(model, use_compile(compile, dev))
+    compiled = use_compile(compile, dev)
+    decoder = Decoder(prepare_for_decoding(model, compiled), compiled)
     return Runtime(model, tokenizer, model.config, model_dir, generation_defaults(model_dir), time.perf_counter() - start, decoder)
 
 

@@ -12,7 +12,9 @@ from typing import Iterator
 import torch
 
 from ernie_cli.console import warn
-from ernie_cli.model import ErnieForCausalLM
+from ernie_cli.cache import KVCache
+from ernie_cli.kernels import ops
+from ernie_cli.model import ErnieForCausalLM, MoE
 from ernie_cli.sampling import Sampler
 
 
@@ -33,22 +35,22 @@ def _compile_settings() -> None:
     inductor.assert_indirect_indexing = False  # the expert gather is bounded by top-k; skip device asserts
 
 
-# ERNIE_PREFILL_GRAPH=0 runs the prompt's forward eagerly on CUDA too, for comparison.
-PREFILL_GRAPH = os.environ.get("ERNIE_PREFILL_GRAPH", "1") != "0"
-
-
 class PrefillGraphs:
     """A prompt's forward from position 0, replayed as a CUDA graph captured per padded length.
 
     Why: an eager prefill of the full model queues about 1,100 kernels, and for a few hundred tokens
     Python queueing them takes longer than the GPU running them (docs/performance.md). A graph
     replays them with one launch (where nothing in the forward waits for the host:
-    ErnieForCausalLM.prefill_waits_for_host). Its shapes are fixed, so a prompt is padded at its end to the
-    next length in LENGTHS (ErnieForCausalLM.prefill_at says why that is exact); longer prompts
+    ops.prefill_waits_for_host). Its shapes are fixed, so a prompt is padded at its end to the next
+    length in LENGTHS; longer prompts
     run eagerly. A length's graph is captured on first use (two eager runs first, so Triton tunes
     and cuBLAS sets up outside the capture), and all are dropped when the KV cache is replaced,
     since a graph writes into the cache it was captured with. All graphs share one memory pool; they
     run one at a time, and each result is copied out before the next replay.
+
+    The padding is exact: attention is causal and every other operation is per token, so nothing
+    before the padding changes; it fills cache slots past the prompt, which decoding overwrites
+    before it reads them.
 
     capture=False runs the same padded forward eagerly: the CPU has no graphs, and its tests check
     the padding through it."""
@@ -58,6 +60,7 @@ class PrefillGraphs:
 
     def __init__(self, model: ErnieForCausalLM, capture: bool = True):
         self.model, self.capture = model, capture
+        self.cache: KVCache | None = None  # the decoder's, set before each call
         self.graphs: dict[int, tuple] = {}
         self.failed = False  # a capture failed: every prompt runs eagerly from then on
         self._cache = lambda: None  # the KV cache the graphs write into (a weak reference: never held twice)
@@ -69,14 +72,12 @@ class PrefillGraphs:
     @torch.inference_mode()  # the graph's input buffers are inference tensors, written in place
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [1, T] with T <= LENGTHS[-1], at positions 0..T-1 -> logits [1, V] at T-1."""
-        model, t = self.model, tokens.shape[1]
+        model, t, cache = self.model, tokens.shape[1], self.cache
         n = self.length_for(t)
-        model.setup_cache(1, n)  # keeps a cache that holds n positions
         if not self.capture:
             padded = torch.zeros((1, n), dtype=tokens.dtype, device=tokens.device)
             padded[:, :t] = tokens
-            return model.prefill_at(padded, torch.tensor([t - 1], device=tokens.device))
-        cache = model.layers[0].self_attn.cache.k
+            return model(padded, 0, cache, last=torch.tensor([t - 1], device=tokens.device))[:, -1]
         if self._cache() is not cache:  # every graph writes into the old cache: drop them all
             self.graphs.clear()
             # and their pool with them: torch frees a pool whose last graph is gone, and capturing into
@@ -91,7 +92,7 @@ class PrefillGraphs:
                     raise
                 warn(f"the prefill could not be captured as a CUDA graph ({str(e).splitlines()[0]}); prompts run eagerly.")
                 self.failed = True
-                return model.forward(tokens, 0)[:, -1]
+                return model(tokens, 0, cache, last=t - 1)[:, -1]
         graph, padded, last, logits = self.graphs[n]
         padded.zero_()
         padded[:, :t] = tokens
@@ -100,52 +101,72 @@ class PrefillGraphs:
         return logits.clone()
 
     def _capture(self, n: int) -> tuple:
-        model, device = self.model, self.model.device
+        model, device, cache = self.model, self.model.device, self.cache
+
+        def forward(padded, last):
+            return model(padded, 0, cache, last=last)[:, -1]
+
         padded = torch.zeros((1, n), dtype=torch.long, device=device)
         last = torch.zeros(1, dtype=torch.long, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                model.prefill_at(padded, last)
+                forward(padded, last)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = model.prefill_at(padded, last)
+            logits = forward(padded, last)
         return graph, padded, last, logits
 
 
 class Decoder:
-    """One-token steps through the KV cache: eager, or one CUDA graph per step when compiled; and
-    the prompt's forward, which on CUDA, when compiled, replays a CUDA graph (PrefillGraphs)."""
+    """Runs the model over one sequence: owns its KV cache, and the one-token step, eager or
+    compiled into one CUDA graph; on CUDA, when compiled, the prompt's forward replays a CUDA
+    graph (PrefillGraphs). It never changes the model: the loader made every fusion first."""
 
     def __init__(self, model: ErnieForCausalLM, compile: bool = False, prefill_graphs: PrefillGraphs | None = None):
         self.model = model
         self.compiled = compile
         self.prefill_graphs = prefill_graphs
+        self.cache: KVCache | None = None
         if compile:
             _compile_settings()
-            model.fuse_projections()  # fewer launches in the graph; eager steps use the same modules
             # CUDA: the step as one CUDA graph; the CPU has none, and there compiling fuses the small ops.
             mode = "reduce-overhead" if model.device.type == "cuda" else "default"
-            self.step = torch.compile(model.decode_step, mode=mode, fullgraph=True)
+            self.step = torch.compile(self._step, mode=mode, fullgraph=True)
             self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
-            if prefill_graphs is None and model.device.type == "cuda" and PREFILL_GRAPH and not model.prefill_waits_for_host():
+            stacks = [(layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj) for layer in model.layers if isinstance(layer.mlp, MoE)]
+            if prefill_graphs is None and model.device.type == "cuda" and not ops.prefill_waits_for_host(model.device, model.dtype, stacks):
                 self.prefill_graphs = PrefillGraphs(model)
+
+    def reserve(self, positions: int, batch: int = 1) -> KVCache:
+        """A cache for `positions`: the one held where it is big enough, so a compiled step keeps its shapes."""
+        if self.cache is None or not self.cache.holds(batch, positions, self.model.dtype):
+            self.cache = None  # freed before the new one is made: never two caches at once
+            self.cache = self.model.new_cache(batch, positions)
+        return self.cache
+
+    def _step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, pos, self.cache)[:, -1]
 
     def prefill(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 -> logits [B, V] at the last."""
         graphs = self.prefill_graphs
-        if graphs is not None and not graphs.failed and start == 0 and tokens.shape[0] == 1 and graphs.length_for(tokens.shape[1]):
+        n = graphs.length_for(tokens.shape[1]) if graphs is not None else None
+        if graphs is not None and not graphs.failed and start == 0 and tokens.shape[0] == 1 and n:
+            self.reserve(n)
+            graphs.cache = self.cache
             return graphs(tokens)
-        return self.model(tokens, start)[:, -1]
+        self.reserve(start + tokens.shape[1], tokens.shape[0])
+        return self.model(tokens, start, self.cache, last=tokens.shape[1] - 1)[:, -1]
 
     def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """tokens [B, 1] at position pos -> logits [B, V]."""
         if not self.compiled:
-            return self.model(tokens, pos)[:, -1]
+            return self.model(tokens, pos, self.cache)[:, -1]
         self.pos.fill_(pos)
         return self.step(tokens, self.pos).clone()  # the graph's output buffer is reused by the next replay
 
@@ -198,7 +219,7 @@ def generate(
     decoder = decoder or Decoder(model)
     timings = timings if timings is not None else Timings()
     timings.prompt_tokens = len(prompt)
-    model.setup_cache(1, len(prompt) + max_new_tokens)
+    decoder.reserve(len(prompt) + max_new_tokens)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     sampler.observe_prompt(ids[0])
 

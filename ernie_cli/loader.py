@@ -19,7 +19,7 @@ from ernie_cli.checkpoint import Checkpoint
 from ernie_cli.config import ErnieConfig, load_config
 from ernie_cli.errors import ErnieError
 from ernie_cli.layout import Param, plan
-from ernie_cli.model import ErnieForCausalLM
+from ernie_cli.model import ErnieForCausalLM, set_weight
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
@@ -108,8 +108,17 @@ def _empty_model(cfg: ErnieConfig) -> ErnieForCausalLM:
 
 def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
     owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    set_weight(model.get_submodule(owner) if owner else model, leaf, value)
+
+
+def prepare_for_decoding(model: ErnieForCausalLM, compiled: bool) -> ErnieForCausalLM:
+    """The transforms a compiled one-token step wants (ernie_cli.fuse), made once, before any
+    decoder sees the model; eager steps keep the checkpoint's own matrices."""
+    if compiled:
+        from ernie_cli.fuse import fuse_for_decode
+
+        fuse_for_decode(model)
+    return model
 
 
 def load_model(

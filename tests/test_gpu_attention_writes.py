@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from ernie_cli import gpu_attention
+from ernie_cli.kernels.triton import attention as gpu_attention
 from ernie_cli.model import apply_rope, rope_table
 
 DEVICE = os.environ.get("DEVICE", "cuda")

@@ -1,4 +1,4 @@
-"""The Triton one-token GEMVs (ernie_cli/gpu_gemv.py) against float64 arithmetic on the GPU.
+"""The Triton one-token GEMVs (ernie_cli/kernels/triton/gemv.py) against float64 arithmetic on the GPU.
 
 Skipped without CUDA and Triton; run on the GPU machine with `pytest tests/test_gpu_gemv.py`.
 With float32 inputs the only error is float32 summation (bound 1e-5 of sum |x||w|); with bf16
@@ -8,7 +8,7 @@ inputs the output is rounded once to bf16 (2^-8 relative).
 import pytest
 import torch
 
-from ernie_cli import gpu_gemv
+from ernie_cli.kernels.triton import gemv as gpu_gemv
 from ernie_cli.quant import formats
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_gemv.triton is not None), reason="needs a CUDA GPU and Triton")
@@ -128,7 +128,7 @@ def test_router_kernel_picks_and_weighs_like_torch(experts, k, always):
     (descending) order, weights within 2e-6 relative of float64: a few float32 roundings (sums,
     divisions) and the GPU's fast exp (2 ulps) on each of the 64 probabilities. always: the shared
     experts in the stack follow, as experts E.. at weight 1, and do not enter the renormalisation."""
-    from ernie_cli import gpu_router
+    from ernie_cli.kernels.triton import router as gpu_router
 
     gen = torch.Generator().manual_seed(experts)
     logits = torch.randn(33, experts, generator=gen)

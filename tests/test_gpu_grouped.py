@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from ernie_cli import gpu_grouped
+from ernie_cli.kernels.triton import grouped as gpu_grouped
 
 DEVICE = os.environ.get("DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(

@@ -135,7 +135,7 @@ def test_mtp_and_tied_head_tensors_are_skipped(moe_copy, checkpoints):
     model = load_model(moe_copy, "cpu", torch.float32)
     ids = torch.arange(3, 20)[None]
     with torch.no_grad():
-        assert (model(ids, 0, all_logits=True) - ref(ids).logits).abs().max() < 1e-4
+        assert (model(ids) - ref(ids).logits).abs().max() < 1e-4
 
 
 def test_wrong_shape(moe_copy):
@@ -210,7 +210,7 @@ def test_untied_checkpoint_loads_its_own_head(tmp_path):
     model = load_model(path, "cpu", torch.float32)
     ids = torch.arange(3, 30)[None]
     with torch.no_grad():
-        assert (model(ids, 0, all_logits=True) - ref(ids).logits).abs().max() < 1e-4
+        assert (model(ids) - ref(ids).logits).abs().max() < 1e-4
 
 
 def test_building_the_model_draws_no_random_weights(monkeypatch, checkpoints):

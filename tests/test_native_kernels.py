@@ -1,4 +1,4 @@
-"""The native AVX-512 VNNI int kernels (ernie_cli/quant/cpu_kernels.c) against float64 arithmetic.
+"""The native AVX-512 VNNI int kernels (ernie_cli/kernels/cpu/int_kernels.c) against float64 arithmetic.
 
 They quantize the activations to int8 per block of 64 (scale d = max|x| / 127), so each product
 differs from the exact one by at most sum over blocks of d/2 * sum |w - offset| (the rounding of
@@ -10,7 +10,7 @@ by element, with 1e-5 of sum |x||w| for the float32 part.
 import pytest
 import torch
 
-from ernie_cli.quant import formats, native
+from ernie_cli.kernels.cpu import native
 from ernie_cli.quant.modules import QuantWeight, choose_backend
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason="the native int kernels need an x86 CPU with AVX-512 VNNI and a C compiler")

@@ -82,7 +82,7 @@ def test_longer_prompts_and_later_chunks_run_eagerly(checkpoints):
     calls = []
     model.prefill_at = lambda *a: calls.append(a)  # must not be reached
     with torch.no_grad():
-        model.setup_cache(1, 64)
+        model_cache = model.new_cache(1, 64)
         got = decoder.prefill(ids)
         assert (got - ref(ids).logits[:, -1]).abs().max().item() < TOL
         decoder.prefill(ids[:, 30:], 30)
@@ -151,7 +151,7 @@ def test_replayed_prefill_matches_the_eager_prefill_on_the_gpu(checkpoints, shap
             with torch.no_grad():
                 assert (got.cpu() - ref(ids.cpu()).logits[:, -1]).abs().max().item() < TOL
     assert sorted(graphs.graphs) == [32, 64, 128]
-    model.setup_cache(1, 4096)  # a new cache: the graphs must be captured again against it
+    model_cache = model.new_cache(1, 4096)  # a new cache: the graphs must be captured again against it
     ids = _prompt(9).cuda()
     _assert_same(graphs(ids), eager(ids), dtype, 9)
     assert sorted(graphs.graphs) == [32] and graphs._cache() is model.layers[0].self_attn.cache.k

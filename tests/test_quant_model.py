@@ -52,7 +52,7 @@ def test_quantized_logits_close_to_the_float_reference(checkpoints, quantized, s
     for fmt, group in (("int8", None), ("int4", 32), ("int4", 64)):
         model = load_model(quantized(shape, fmt, group), "cpu", torch.float32)
         with torch.no_grad():
-            got = model(ids, 0, all_logits=True)
+            got = model(ids)
         kl[fmt, group] = _kl(expected, got).mean().item()
         top1[fmt, group] = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
     # int8: a few times the bf16 copy's own KL (6.5e-4 moe, 1.4e-4 dense); int4: the 4-bit grid.
@@ -71,7 +71,7 @@ def test_quantizing_while_loading_equals_the_offline_copy(checkpoints, quantized
     online = load_model(src, "cpu", torch.float32, quantize=fmt, group_size=32 if fmt == "int4" else None)
     ids = _ids(2, 24)
     with torch.no_grad():
-        assert torch.equal(offline(ids, 0, all_logits=True), online(ids, 0, all_logits=True))
+        assert torch.equal(offline(ids), online(ids))
 
 
 @pytest.mark.parametrize("shape", ["moe_fused_names", "moe_sharded"])
@@ -98,10 +98,10 @@ def test_incremental_decoding_matches_full_forward(quantized, shape, fmt):
     model = load_model(quantized(shape, fmt, 32 if fmt == "int4" else None), "cpu", torch.float32)
     ids = _ids(1, 20, seed=4)
     with torch.no_grad():
-        full = model(ids, 0, all_logits=True)
-        model.setup_cache(1, 32)
-        parts = [model(ids[:, :8], 0, all_logits=True), model(ids[:, 8:13], 8, all_logits=True)]
-        parts += [model(ids[:, p : p + 1], p, all_logits=True) for p in range(13, 20)]
+        full = model(ids)
+        model_cache = model.new_cache(1, 32)
+        parts = [model(ids[:, :8], 0, model_cache), model(ids[:, 8:13], 8, model_cache)]
+        parts += [model(ids[:, p : p + 1], p, model_cache) for p in range(13, 20)]
     step = torch.cat(parts, dim=1)
     kl = _kl(full, step)
     if shape == "moe_wide":
@@ -135,9 +135,8 @@ def test_cpu_kernels_agree_with_the_dequantize_path(quantized, monkeypatch, fmt,
         assert kernels.layers[1].mlp.experts.gate_up_proj.backend == "cpu"
     ids = _ids(2, 32, seed=5)
     with torch.no_grad():
-        a, b = kernels(ids, 0, all_logits=True), plain(ids, 0, all_logits=True)
+        a, b = kernels(ids), plain(ids)
         # the one-token path: `selected` (`selected_native`) on the kernels, `gathered` on the dequantize path
-        kernels.setup_cache(1, 4), plain.setup_cache(1, 4)
         da, db = kernels(ids[:1, :1], 0), plain(ids[:1, :1], 0)
     # int8 activations cost about what bf16 ones do: measured on moe_wide against transformers' fp32,
     # int8 weights: KL 1.9e-3 (torch kernels, bf16 activations), 2.5e-3 (native), 1.8e-3 (dequant);
@@ -150,7 +149,7 @@ def test_cpu_kernels_agree_with_the_dequantize_path(quantized, monkeypatch, fmt,
 
 
 def _need_native():
-    from ernie_cli.quant import native
+    from ernie_cli.kernels.cpu import native
 
     if native.kernels() is None:
         pytest.skip("the native int kernels need an x86 CPU with AVX-512 VNNI and a C compiler")
@@ -190,7 +189,7 @@ def test_keep_embeddings_and_untied_head(checkpoints, tmp_path):
     ref = load_reference(untied)
     ids = _ids(2, 32)
     with torch.no_grad():
-        assert _kl(ref(ids).logits, model(ids, 0, all_logits=True)).mean() < 0.2
+        assert _kl(ref(ids).logits, model(ids)).mean() < 0.2
 
 
 def test_memory_estimate_uses_quantized_sizes(checkpoints, quantized, monkeypatch):
@@ -302,7 +301,7 @@ def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(checkpoint
     assert not [n for n, p in in_memory.named_parameters() if p.dtype == torch.float32 and p.dim() == 3]
     ids = _ids(2, 24)
     with torch.no_grad():
-        assert torch.equal(in_memory(ids, 0, all_logits=True), online(ids, 0, all_logits=True))
+        assert torch.equal(in_memory(ids), online(ids))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -317,13 +316,13 @@ def test_fused_qkv_of_quantized_weights_equals_the_three(quantized, monkeypatch,
     model = load_model(path, "cpu", torch.float32)
     ids = _ids(1, 12, seed=7)
     with torch.no_grad():
-        apart = model(ids, 0, all_logits=True)
+        apart = model(ids)
         attn = model.layers[1].self_attn
         rows = attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
         model.fuse_projections()
         fused = attn.qkv_proj
         assert isinstance(fused, QuantLinear) and fused.backend == backend and fused.out_features == rows
-        together = model(ids, 0, all_logits=True)
+        together = model(ids)
     assert (together - apart).abs().max().item() < 1e-5
 
 
@@ -345,7 +344,7 @@ def test_native_weights_stay_views_of_the_mapped_files(quantized, monkeypatch):
     plain = load_model(path, "cpu", torch.float32)
     ids = _ids(1, 8, seed=9)
     with torch.no_grad():
-        assert _kl(plain(ids, 0, all_logits=True), mapped(ids, 0, all_logits=True)).mean() < 3e-3
+        assert _kl(plain(ids), mapped(ids)).mean() < 3e-3
 
 
 def test_compiled_cpu_decode_keeps_the_native_kernels(quantized, monkeypatch):
@@ -353,7 +352,7 @@ def test_compiled_cpu_decode_keeps_the_native_kernels(quantized, monkeypatch):
     (native.int_matmul), instead of the slow dequantize-and-reduce form, and decode the same."""
     _need_native()
     from ernie_cli.generate import Decoder
-    from ernie_cli.quant import native
+    from ernie_cli.kernels.cpu import native
 
     monkeypatch.setenv("ERNIE_QUANT_BACKEND", "")
     model = load_model(quantized("moe_wide", "int4", 64), "cpu", torch.float32)
@@ -362,7 +361,7 @@ def test_compiled_cpu_decode_keeps_the_native_kernels(quantized, monkeypatch):
     real = native.kernels().int4
     monkeypatch.setattr(native.kernels(), "int4", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     with torch.no_grad():
-        model.setup_cache(1, 16)
+        model_cache = model.new_cache(1, 16)
         model(ids[:, :4], 0)
         eager = [model(ids[:, p : p + 1], p)[:, -1] for p in range(4, 12)]
         compiled = Decoder(model, compile=True)
@@ -407,8 +406,7 @@ def test_shared_experts_moved_into_the_quantized_stack(quantized, monkeypatch, s
         assert moe.shared_experts is None and moe.experts.down_proj.shape[0] == moe.gate.weight.shape[0] + moe.num_shared
     ids = _ids(2, 32, seed=6)
     with torch.no_grad():
-        a, b = plain(ids, 0, all_logits=True), fused(ids, 0, all_logits=True)
-        plain.setup_cache(1, 4), fused.setup_cache(1, 4)
+        a, b = plain(ids), fused(ids)
         da, db = plain(ids[:1, :1], 0), fused(ids[:1, :1], 0)
     assert (a - b).abs().max().item() < 1e-4
     assert (da - db).abs().max().item() < 1e-4

@@ -76,6 +76,7 @@ def bench(
 
     from ernie_cli import bench as runtime
     from ernie_cli.generate import Decoder, use_compile
+    from ernie_cli.loader import prepare_for_decoding
     from ernie_cli.loader import resolve_device
 
     if threads:
@@ -86,7 +87,8 @@ def bench(
     dev = resolve_device(device)
     model_obj, name, size, quant = _load(model, config, layers, dev, dtype, quantize, offline)
     context = runtime.run_context(model_obj, name, size, quant)
-    decoder = Decoder(model_obj, use_compile(compile, dev))
+    compiled = use_compile(compile, dev)
+    decoder = Decoder(prepare_for_decoding(model_obj, compiled), compiled)
     context["compiled"] = decoder.compiled
     show = stderr_is_tty()
     rows = []

@@ -57,7 +57,7 @@ def chunks(ids: list[int], ctx: int) -> list[list[int]]:
 def log_probs(model, chunk: list[int]) -> torch.Tensor:
     """log p(next token) at every position of the chunk but the last: [len-1, vocab] float32 on the CPU."""
     ids = torch.tensor([chunk], dtype=torch.long, device=model.device)
-    logits = model(ids, 0, all_logits=True)[0, :-1]
+    logits = model(ids)[0, :-1]
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 

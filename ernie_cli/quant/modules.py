@@ -6,7 +6,7 @@
   the head), `QuantExperts` (replaces the stacked routed experts).
 
 Three backends:
-- "native": x86 CPUs with AVX-512 VNNI: the kernels of cpu_kernels.c (see native.py), which read the
+- "native": x86 CPUs with AVX-512 VNNI: the kernels of int_kernels.c (see native.py), which read the
   disk layout as it is and quantize the activations to int8 per block of 64, like llama.cpp's
   Q8_0 activations. About 1.5x the bandwidth of torch's kernels at batch 1, no repacking at load;
   the selected experts of a token are one call. The default where it builds. Prefill (from
@@ -19,7 +19,7 @@ Three backends:
   made at load time by `_convert_weight_to_int4pack_for_cpu` (needs N % 16 == 0, K a multiple of the
   group size: rows and columns are padded at load time when they are not).
 - "dequant": any device (CUDA): the disk layout as it is. One token on CUDA goes through the Triton
-  GEMVs of ernie_cli/gpu_gemv.py (bytes to floats in registers, the selected experts in one launch);
+  GEMVs of ernie_cli/kernels/triton/gemv.py (bytes to floats in registers, the selected experts in one launch);
   otherwise a weight is dequantized to the activation dtype just before its matmul. Graph-friendly
   either way (static shapes, no host sync in the one-token path).
 """
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ernie_cli import gpu_dequant, gpu_gemv
+from ernie_cli.kernels.triton import dequant as gpu_dequant, gemv as gpu_gemv
 from ernie_cli.model import GROUPED_MM, run_grouped, run_grouped_mm, run_selected, shared_down_as_experts, shared_gate_up_as_experts
-from ernie_cli.quant import formats, native
+from ernie_cli.kernels.cpu import native
 
 BF16 = torch.bfloat16
 CPU_INT4_GROUPS = (32, 64, 128, 256)

@@ -18,8 +18,8 @@ import os
 
 import torch
 
-from ernie_cli import gpu_gemv
-from ernie_cli.gpu_gemv import tl, triton
+from ernie_cli.kernels.triton import gemv as gpu_gemv
+from ernie_cli.kernels.triton.gemv import tl, triton
 
 ENABLED = os.environ.get("ERNIE_GROUPED_GEMM", "triton") != "torch"
 

@@ -15,8 +15,8 @@ import os
 
 import torch
 
-from ernie_cli import gpu_gemv
-from ernie_cli.gpu_gemv import tl, triton
+from ernie_cli.kernels.triton import gemv as gpu_gemv
+from ernie_cli.kernels.triton.gemv import tl, triton
 
 
 # The compiled one-token step sums the router's logits as a product (sums_logits below);

@@ -1,4 +1,4 @@
-"""The AVX-512 VNNI int4/int8 matrix-vector kernels of cpu_kernels.c, compiled on first use.
+"""The AVX-512 VNNI int4/int8 matrix-vector kernels of int_kernels.c, compiled on first use.
 
 The C file is built with the system's C compiler for this very CPU (-march=native) into
 ~/.cache/ernie/kernels, under a name that hashes the source, the flags and the CPU model, written
@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("int_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"] + os.environ.get("ERNIE_KFLAGS", "").split()
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 # From this many tokens a product expands the weight to floats and calls torch's matmul instead
@@ -147,7 +147,7 @@ class Kernels:
 @lru_cache(maxsize=1)
 def kernels() -> Kernels | None:
     """The compiled kernels, or None where they cannot run here (see the module docstring)."""
-    if os.environ.get("ERNIE_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+    if platform.machine() not in ("x86_64", "AMD64"):
         return None
     flags, model = _cpu_flags()
     if not all(f in flags for f in NEEDED_CPU_FLAGS):
