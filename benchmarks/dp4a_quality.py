@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.quant_cuda_check import kl, run  # noqa: E402
-from ernie_cli import gpu_gemv  # noqa: E402
+from ernie_cli.kernels.triton import gemv as gpu_gemv  # noqa: E402
 from ernie_cli.loader import load_model  # noqa: E402
 from ernie_cli.quant.convert import quantize_checkpoint  # noqa: E402
 from ernie_cli.quant.spec import QuantSpec  # noqa: E402

@@ -130,7 +130,8 @@ def tiny_kl() -> None:
 def kernel_speed(threads: int = 2) -> None:
     import torch.nn.functional as F
 
-    from ernie_cli.quant.modules import QuantWeight
+    from ernie_cli.kernels import quantized
+from ernie_cli.quant.weight import QuantWeight
 
     torch.set_num_threads(threads)
     n, k, count = 3072, 2560, 48
@@ -141,7 +142,7 @@ def kernel_speed(threads: int = 2) -> None:
     rows = [("bf16 F.linear", lambda i: F.linear(x, floats[i]), n * k * 2)]
     for fmt, g in (("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128)):
         ws = [QuantWeight(fmt, (n, k), g, "cpu").load(formats.quantize(fmt, floats[i], g, 0), torch.device("cpu")) for i in range(count)]
-        rows.append((fmt + (f" g{g}" if fmt == "int4" else ""), (lambda ws: lambda i: ws[i].mm(x))(ws), ws[0].nbytes()))
+        rows.append((fmt + (f" g{g}" if fmt == "int4" else ""), (lambda ws: lambda i: quantized.matmul(ws[i], x))(ws), ws[0].nbytes()))
     for name, fn, nbytes in rows:
         times = []
         for _ in range(5):

@@ -100,7 +100,7 @@ def weight_bytes_per_token(model: ErnieForCausalLM) -> int:
     are read by every token, as they were as a separate MLP."""
     cfg = model.config
     expert_prefixes = tuple(
-        name + "." for name, m in model.named_modules() if isinstance(m, Experts) or type(m).__name__.endswith("Experts")
+        name + "." for name, m in model.named_modules() if isinstance(m, Experts)
     )
 
     def share(t: torch.Tensor) -> float:

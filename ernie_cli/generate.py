@@ -35,6 +35,12 @@ def _compile_settings() -> None:
     inductor.assert_indirect_indexing = False  # the expert gather is bounded by top-k; skip device asserts
 
 
+def prefill_waits_for_host(model: ErnieForCausalLM) -> bool:
+    """Whether a prompt's forward reads anything back to the host, so that no CUDA graph can hold it."""
+    stacks = [(layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj) for layer in model.layers if isinstance(layer.mlp, MoE)]
+    return ops.prefill_waits_for_host(model.device, model.dtype, stacks)
+
+
 class PrefillGraphs:
     """A prompt's forward from position 0, replayed as a CUDA graph captured per padded length.
 
@@ -60,7 +66,6 @@ class PrefillGraphs:
 
     def __init__(self, model: ErnieForCausalLM, capture: bool = True):
         self.model, self.capture = model, capture
-        self.cache: KVCache | None = None  # the decoder's, set before each call
         self.graphs: dict[int, tuple] = {}
         self.failed = False  # a capture failed: every prompt runs eagerly from then on
         self._cache = lambda: None  # the KV cache the graphs write into (a weak reference: never held twice)
@@ -70,15 +75,16 @@ class PrefillGraphs:
         return next((n for n in self.LENGTHS if n >= t), None)
 
     @torch.inference_mode()  # the graph's input buffers are inference tensors, written in place
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [1, T] with T <= LENGTHS[-1], at positions 0..T-1 -> logits [1, V] at T-1."""
-        model, t, cache = self.model, tokens.shape[1], self.cache
+    def __call__(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens [1, T] with T <= LENGTHS[-1], at positions 0..T-1 -> logits [1, V] at T-1. The
+        cache must hold length_for(T) positions."""
+        model, t = self.model, tokens.shape[1]
         n = self.length_for(t)
         if not self.capture:
             padded = torch.zeros((1, n), dtype=tokens.dtype, device=tokens.device)
             padded[:, :t] = tokens
             return model(padded, 0, cache, last=torch.tensor([t - 1], device=tokens.device))[:, -1]
-        if self._cache() is not cache:  # every graph writes into the old cache: drop them all
+        if self._cache() is not cache:  # every graph writes into its cache: drop them all
             self.graphs.clear()
             # and their pool with them: torch frees a pool whose last graph is gone, and capturing into
             # the freed pool's handle again fails an assertion in its allocator (device round 53).
@@ -86,7 +92,7 @@ class PrefillGraphs:
             self._cache = weakref.ref(cache)
         if n not in self.graphs:
             try:
-                self.graphs[n] = self._capture(n)
+                self.graphs[n] = self._capture(n, cache)
             except RuntimeError as e:  # something waited for the host after all: stay correct, say so
                 if os.environ.get("ERNIE_DEBUG") == "1":
                     raise
@@ -100,8 +106,8 @@ class PrefillGraphs:
         graph.replay()
         return logits.clone()
 
-    def _capture(self, n: int) -> tuple:
-        model, device, cache = self.model, self.model.device, self.cache
+    def _capture(self, n: int, cache: KVCache) -> tuple:
+        model, device = self.model, self.model.device
 
         def forward(padded, last):
             return model(padded, 0, cache, last=last)[:, -1]
@@ -138,8 +144,7 @@ class Decoder:
             mode = "reduce-overhead" if model.device.type == "cuda" else "default"
             self.step = torch.compile(self._step, mode=mode, fullgraph=True)
             self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
-            stacks = [(layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj) for layer in model.layers if isinstance(layer.mlp, MoE)]
-            if prefill_graphs is None and model.device.type == "cuda" and not ops.prefill_waits_for_host(model.device, model.dtype, stacks):
+            if prefill_graphs is None and model.device.type == "cuda" and not prefill_waits_for_host(model):
                 self.prefill_graphs = PrefillGraphs(model)
 
     def reserve(self, positions: int, batch: int = 1) -> KVCache:
@@ -157,9 +162,7 @@ class Decoder:
         graphs = self.prefill_graphs
         n = graphs.length_for(tokens.shape[1]) if graphs is not None else None
         if graphs is not None and not graphs.failed and start == 0 and tokens.shape[0] == 1 and n:
-            self.reserve(n)
-            graphs.cache = self.cache
-            return graphs(tokens)
+            return graphs(tokens, self.reserve(n))
         self.reserve(start + tokens.shape[1], tokens.shape[0])
         return self.model(tokens, start, self.cache, last=tokens.shape[1] - 1)[:, -1]
 

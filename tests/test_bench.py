@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ernie_cli.fuse import shared_into_experts
 from ernie_cli.bench import BenchCase, build_tests, run_test, weight_bytes_per_token
 from ernie_cli.config import parse_config
 from ernie_cli.loader import load_model, random_model
@@ -64,7 +65,7 @@ def test_weight_bytes_per_token_by_hand(checkpoints):
     # The CUDA decode graph moves the shared experts into the stack; every token still reads them.
     for layer in model.layers:
         if isinstance(layer.mlp, MoE):
-            layer.mlp.fuse_shared_experts()
+            assert shared_into_experts(layer.mlp)
     assert model.layers[1].mlp.experts.gate_up_proj.shape[0] == e + cfg.num_shared_experts
     assert weight_bytes_per_token(model) == pytest.approx(params * 4, rel=1e-12)
 

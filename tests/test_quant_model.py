@@ -10,10 +10,12 @@ dense int8 4.5e-4, int4 g32 4.4e-2, g64 5.7e-2.
 import pytest
 import torch
 
+from ernie_cli.fuse import fuse_for_decode, shared_into_experts
 from ernie_cli.loader import load_model
 from ernie_cli.quant import formats
 from ernie_cli.quant.convert import quantize_checkpoint
-from ernie_cli.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, QuantWeight, quantized_nbytes
+from ernie_cli.kernels import ops
+from ernie_cli.quant.weight import QuantWeight, quantized_nbytes
 from ernie_cli.quant.spec import QuantSpec
 
 
@@ -117,15 +119,15 @@ def test_incremental_decoding_matches_full_forward(quantized, shape, fmt):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("shape, backend", [("moe", "cpu"), ("moe_wide", "native")])
 def test_cpu_kernels_agree_with_the_dequantize_path(quantized, monkeypatch, fmt, shape, backend):
-    """ERNIE_QUANT_BACKEND=dequant runs on the CPU the code CUDA runs (dequantize, then matmul in the
+    """ops.FORCED_QUANT_BACKEND = "dequant" runs on the CPU the code CUDA runs (dequantize, then matmul in the
     activation dtype, experts gathered by index in decode); it must agree with the int kernels up to
     their rounded activations (bf16 for torch's, int8 per block of 64 for the native ones)."""
     if backend == "native":
         _need_native()
     path = quantized(shape, fmt, 64 if fmt == "int4" else None)
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "cpu" if backend == "cpu" else "")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "cpu" if backend == "cpu" else "")
     kernels = load_model(path, "cpu", torch.float32)
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "dequant")
     plain = load_model(path, "cpu", torch.float32)
     assert plain.layers[1].mlp.experts.gate_up_proj.backend == "dequant"
     quant = [m for m in kernels.modules() if isinstance(m, QuantWeight)]
@@ -158,11 +160,11 @@ def _need_native():
 def test_modules_are_replaced_and_bytes_match_the_disk(quantized):
     path = quantized("moe", "int4", 64)
     model = load_model(path, "cpu", torch.bfloat16)
-    assert isinstance(model.embed_tokens, QuantEmbedding)
-    assert isinstance(model.layers[0].self_attn.q_proj, QuantLinear)
-    assert isinstance(model.layers[0].mlp.gate_up_proj, QuantLinear)
-    assert isinstance(model.layers[1].mlp.experts, QuantExperts)
-    assert isinstance(model.layers[1].mlp.shared_experts.down_proj, QuantLinear)
+    assert isinstance(model.embed_tokens.weight, QuantWeight)
+    assert isinstance(model.layers[0].self_attn.q_proj.weight, QuantWeight)
+    assert isinstance(model.layers[0].mlp.gate_up_proj.weight, QuantWeight)
+    assert isinstance(model.layers[1].mlp.experts.gate_up_proj, QuantWeight)
+    assert isinstance(model.layers[1].mlp.shared_experts.down_proj.weight, QuantWeight)
     assert model.layers[1].mlp.gate.weight.dtype == torch.float32  # the router is never quantized
     assert model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     assert model.norm.weight.dtype == torch.bfloat16 and model.dtype == torch.bfloat16
@@ -180,12 +182,12 @@ def test_keep_embeddings_and_untied_head(checkpoints, tmp_path):
     out = tmp_path / "keep"
     quantize_checkpoint(src, out, QuantSpec.make("int8", keep_embeddings=True))
     model = load_model(out, "cpu", torch.float32)
-    assert isinstance(model.embed_tokens, torch.nn.Embedding)
+    assert isinstance(model.embed_tokens.weight, torch.Tensor) and model.embed_tokens.weight.dtype == torch.float32
 
     untied, _ = write_checkpoint(tmp_path / "untied", "dense", tie_word_embeddings=False)
     quantize_checkpoint(untied, tmp_path / "untied-q", QuantSpec.make("int4", 32))
     model = load_model(tmp_path / "untied-q", "cpu", torch.float32)
-    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.fmt == "int8"  # the head goes to int8
+    assert isinstance(model.lm_head.weight, QuantWeight) and model.lm_head.weight.fmt == "int8"  # the head goes to int8
     ref = load_reference(untied)
     ids = _ids(2, 32)
     with torch.no_grad():
@@ -297,7 +299,7 @@ def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(checkpoint
     src, _ = checkpoints("moe")
     in_memory = quantize_model(load_model(src, "cpu", torch.float32), fmt, 32)
     online = load_model(src, "cpu", torch.float32, quantize=fmt, group_size=32)
-    assert isinstance(in_memory.layers[1].mlp.experts, QuantExperts) and in_memory.quantization.format == fmt
+    assert isinstance(in_memory.layers[1].mlp.experts.gate_up_proj, QuantWeight) and in_memory.quantization.format == fmt
     assert not [n for n, p in in_memory.named_parameters() if p.dtype == torch.float32 and p.dim() == 3]
     ids = _ids(2, 24)
     with torch.no_grad():
@@ -307,11 +309,11 @@ def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(checkpoint
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("backend", ["dequant", "native"])
 def test_fused_qkv_of_quantized_weights_equals_the_three(quantized, monkeypatch, fmt, backend):
-    """Quantized q/k/v rows stacked into one weight (QuantLinear.concatenate) give the same numbers:
+    """Quantized q/k/v rows stacked into one weight (QuantWeight.concatenate) give the same numbers:
     each output row is the same row of the same bytes."""
     if backend == "native":
         _need_native()
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant" if backend == "dequant" else "")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "dequant" if backend == "dequant" else "")
     path = quantized("moe_wide", fmt, 64 if fmt == "int4" else None)
     model = load_model(path, "cpu", torch.float32)
     ids = _ids(1, 12, seed=7)
@@ -319,9 +321,9 @@ def test_fused_qkv_of_quantized_weights_equals_the_three(quantized, monkeypatch,
         apart = model(ids)
         attn = model.layers[1].self_attn
         rows = attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
-        model.fuse_projections()
+        fuse_for_decode(model)
         fused = attn.qkv_proj
-        assert isinstance(fused, QuantLinear) and fused.backend == backend and fused.out_features == rows
+        assert isinstance(fused.weight, QuantWeight) and fused.weight.backend == backend and fused.out_features == rows
         together = model(ids)
     assert (together - apart).abs().max().item() < 1e-5
 
@@ -333,14 +335,14 @@ def test_native_weights_stay_views_of_the_mapped_files(quantized, monkeypatch):
     _need_native()
     path = quantized("moe_wide", "int4", 64)
     sizes = {f.stat().st_size for f in path.glob("*.safetensors")}
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "")
     mapped = load_model(path, "cpu", torch.float32)
     w = mapped.layers[1].mlp.experts.gate_up_proj
     assert w.backend == "native" and w.qweight.untyped_storage().nbytes() in sizes
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "cpu")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "cpu")
     copied = load_model(path, "cpu", torch.float32)
     assert copied.layers[1].mlp.experts.gate_up_proj.packed.untyped_storage().nbytes() not in sizes
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "dequant")
     plain = load_model(path, "cpu", torch.float32)
     ids = _ids(1, 8, seed=9)
     with torch.no_grad():
@@ -354,7 +356,7 @@ def test_compiled_cpu_decode_keeps_the_native_kernels(quantized, monkeypatch):
     from ernie_cli.generate import Decoder
     from ernie_cli.kernels.cpu import native
 
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "")
     model = load_model(quantized("moe_wide", "int4", 64), "cpu", torch.float32)
     ids = _ids(1, 12, seed=3)
     calls = []
@@ -379,7 +381,7 @@ def test_a_file_that_cannot_be_mapped_is_read(quantized, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("mmap failed")
 
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "")
     monkeypatch.setattr(torch, "from_file", refuse)
     path = quantized("moe_wide", "int4", 64)
     model = load_model(path, "cpu", torch.float32)
@@ -391,19 +393,20 @@ def test_a_file_that_cannot_be_mapped_is_read(quantized, monkeypatch):
 
 @pytest.mark.parametrize("shape, fmt, group", [("moe", "int8", None), ("moe_wide", "int8", None), ("moe_wide", "int4", 64), ("moe_wide", "int4", 32)])
 def test_shared_experts_moved_into_the_quantized_stack(quantized, monkeypatch, shape, fmt, group):
-    """MoE.fuse_shared_experts on the disk layout CUDA holds (ERNIE_QUANT_BACKEND=dequant): codes,
+    """fuse.shared_into_experts on the disk layout CUDA holds (ops.FORCED_QUANT_BACKEND = "dequant"): codes,
     scales and zeros split by rows (gate_up) and by columns (down), in float32, must give what the
     separate shared MLP gives, through prefill and the one-token gathered path. A split that mixed
     up rows, nibbles or scale groups would move logits by far more than the summation order does."""
     from ernie_cli.model import MoE
 
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "dequant")
     path = quantized(shape, fmt, group)
     plain, fused = load_model(path, "cpu", torch.float32), load_model(path, "cpu", torch.float32)
     moes = [layer.mlp for layer in fused.layers if isinstance(layer.mlp, MoE)]
     for moe in moes:
-        moe.fuse_shared_experts()
-        assert moe.shared_experts is None and moe.experts.down_proj.shape[0] == moe.gate.weight.shape[0] + moe.num_shared
+        shared = moe.shared_experts.down_proj.in_features // moe.experts.down_proj.shape[-1]
+        assert shared_into_experts(moe)
+        assert moe.shared_experts is None and moe.experts.down_proj.shape[0] == moe.gate.weight.shape[0] + shared
     ids = _ids(2, 32, seed=6)
     with torch.no_grad():
         a, b = plain(ids), fused(ids)

@@ -78,6 +78,10 @@ def rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """t [B, T, heads, d]; cos/sin [T, d] fp32, interleaved. fp32 math, result cast back (three roundings)."""
     if t.shape[0] == 1 and _eager_triton(t):  # one kernel per tensor instead of eight
         return triton_elementwise.rope(t[0], cos, sin)[None]
+    return rope_in_torch(t, cos, sin)
+
+
+def rope_in_torch(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     c, s = cos[:, None, :], sin[:, None, :]
     return (t.float() * c + _rotate_pairs(t).float() * s).to(t.dtype)
 

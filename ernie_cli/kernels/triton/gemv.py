@@ -30,19 +30,18 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = tl = None
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (bf16, fp16, fp32)
-ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant
 # Which int4 kernel one-token products use: "bytes" (_gemv) or "words" (_gemv_int4). The word kernel is
 # 1.4-1.5x faster alone and made 8-layer int4 decode 23% faster, but the full 28-layer model decoded
 # 4% slower with it (docs/performance.md, sixth session), so it is opt-in until that is understood.
-INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
+INT4_KERNEL = "bytes"
 # int8 and int4 weights against x rounded to int8 (one scale per 64 columns, or per int4 group), summed
 # four products at a time by the dp4a instruction (_gemv_dp4a): full-model int4 decode 320 -> 450 tok/s,
 # int8 412 -> 421 (docs/performance.md, seventh session). ERNIE_DP4A=0 keeps x in bf16 (the float
 # kernels below), for comparison or where the rounding of x matters more than speed.
-DP4A = os.environ.get("ERNIE_DP4A", "1") != "0"
+DP4A = True
 # The routed experts' down product forms silu(gate) * up while loading x, saving a kernel and a write
 # (round 42: 8-layer int4 +1.8%). ERNIE_SWIGLU_IN_DOWN=0 forms it with torch ops, for comparison.
-SWIGLU_IN_DOWN = os.environ.get("ERNIE_SWIGLU_IN_DOWN", "1") != "0"
+SWIGLU_IN_DOWN = True
 # The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
 _EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -55,16 +54,20 @@ def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
         triton is not None
         and x.is_cuda
         and x.shape[0] == 1
-        and ENABLED
         and (fmt != "int4" or (group_size in (32, 64, 128) and (INT4_KERNEL == "bytes" or x.shape[-1] % 8 == 0)))
     )
+
+
+def takes(fmt: str, group_size: int) -> bool:
+    """Whether the kernels take this weight format: an int4 group their blocks hold."""
+    return fmt != "int4" or (group_size in (32, 64, 128) and INT4_KERNEL == "bytes")
 
 
 def usable_eagerly(x: torch.Tensor) -> bool:
     """For the Triton kernels of eager CUDA code (gpu_elementwise, gpu_dequant): CUDA with Triton,
     not turned off by ERNIE_TRITON=0, and not being traced by torch.compile (Inductor fuses that
     work itself)."""
-    return triton is not None and x.is_cuda and ENABLED and not torch.compiler.is_compiling()
+    return triton is not None and x.is_cuda and not torch.compiler.is_compiling()
 
 
 def uses_dp4a(fmt: str, k: int) -> bool:
@@ -101,7 +104,7 @@ if triton is not None:
 
     # ERNIE_GEMV_IDX_LOOKS_WRITTEN=1 passes the rows through a call that also takes idx_ptr, as the
     # kernels were before: Inductor then copies idx before every launch again. For the A/B only.
-    _IDX_LOOKS_WRITTEN = tl.constexpr(os.environ.get("ERNIE_GEMV_IDX_LOOKS_WRITTEN", "0") == "1")
+    _IDX_LOOKS_WRITTEN = tl.constexpr(False)
 
     @triton.jit
     def _passed_through(idx_ptr, rows, row_ok):

@@ -14,19 +14,17 @@ ERNIE_GROUPED_GEMM=torch keeps torch's grouped GEMM, for comparison.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from ernie_cli.kernels.triton import gemv as gpu_gemv
 from ernie_cli.kernels.triton.gemv import tl, triton
 
-ENABLED = os.environ.get("ERNIE_GROUPED_GEMM", "triton") != "torch"
 
 
 def usable(x: torch.Tensor) -> bool:
     """bf16 or fp16 rows on CUDA with Triton, eagerly (or inside a CUDA graph capture)."""
-    return ENABLED and gpu_gemv.usable_eagerly(x) and x.dtype in (torch.bfloat16, torch.float16)
+    return gpu_gemv.usable_eagerly(x) and x.dtype in (torch.bfloat16, torch.float16)
 
 
 if triton is not None:
