@@ -1,13 +1,11 @@
 """One-token GEMVs at the 21B-A3B shapes on CUDA: the Triton kernels of gpu_gemv, timed inside a CUDA
-graph, as the decode step runs them. (Round 9 also timed int-to-float code conversion against the
-magic-number form here; the table is in docs/performance.md.)
+graph, as the decode step runs them.
 
 Usage (GPU machine): python benchmarks/gpu_gemv_bench.py [FORMAT ...]   (default: float int8 int4)
 A FORMAT ending in + (int8+) lets the tuner of the float/int8 kernel also try the WIDER block shapes;
 int4 times the word kernel (_gemv_int4, ERNIE_INT4_GEMV=words in the product) and int4:bytes the
-byte loop (the product's default), as in device rounds 24-26; int8:dp4a and int4:dp4a time
-_gemv_dp4a (x rounded to int8, ERNIE_DP4A=1 in the product). The chosen shape of every row is
-printed.
+byte loop (the default of the float path); int8:dp4a and int4:dp4a time _gemv_dp4a (x rounded to
+int8, what the product runs by default). The chosen shape of every row is printed.
 Each row captures 100 calls in one CUDA graph and reports the median over 20 replays, per call. Calls
 rotate over enough weight copies (or expert sets) that more than 300 MB is read between repeats, so
 the 50 MB L2 cache does not serve them. GB/s = weight bytes one call reads / its time.
@@ -79,7 +77,7 @@ def main():
         fmt, wider = name.rstrip("+"), name.endswith("+")  # int8+: the tuner also tries WIDER
         fmt, _, form = fmt.partition(":")
         gpu_gemv.DP4A = form == "dp4a"
-        gpu_gemv.INT4_KERNEL = form if form in ("bytes", "words") else "words"  # plain int4: as rounds 24-26 ran it
+        gpu_gemv.INT4_KERNEL = form if form in ("bytes", "words") else "words"  # plain int4: the word kernel
         gpu_gemv._gemv = triton.autotune(configs=gpu_gemv._configs() + (WIDER if wider else []), key=["N", "K", "P", "FMT"])(KERNEL)
         for label, shape, k, per in MATRICES:
             one, total = make(fmt, shape)

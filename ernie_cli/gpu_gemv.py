@@ -33,15 +33,15 @@ FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (b
 ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant
 # Which int4 kernel one-token products use: "bytes" (_gemv) or "words" (_gemv_int4). The word kernel is
 # 1.4-1.5x faster alone and made 8-layer int4 decode 23% faster, but the full 28-layer model decoded
-# 4% slower with it (docs/performance.md, sixth session), so it is opt-in until that is understood.
+# 4% slower with it (docs/performance.md), so it is opt-in until that is understood.
 INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
 # int8 and int4 weights against x rounded to int8 (one scale per 64 columns, or per int4 group), summed
 # four products at a time by the dp4a instruction (_gemv_dp4a): full-model int4 decode 320 -> 450 tok/s,
-# int8 412 -> 421 (docs/performance.md, seventh session). ERNIE_DP4A=0 keeps x in bf16 (the float
+# int8 412 -> 421 (docs/performance.md). ERNIE_DP4A=0 keeps x in bf16 (the float
 # kernels below), for comparison or where the rounding of x matters more than speed.
 DP4A = os.environ.get("ERNIE_DP4A", "1") != "0"
 # The routed experts' down product forms silu(gate) * up while loading x, saving a kernel and a write
-# (round 42: 8-layer int4 +1.8%). ERNIE_SWIGLU_IN_DOWN=0 forms it with torch ops, for comparison.
+# (8-layer int4 decode +1.8%). ERNIE_SWIGLU_IN_DOWN=0 forms it with torch ops, for comparison.
 SWIGLU_IN_DOWN = os.environ.get("ERNIE_SWIGLU_IN_DOWN", "1") != "0"
 # The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
 _EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -71,7 +71,7 @@ def uses_dp4a(fmt: str, k: int) -> bool:
     """Whether gemv() rounds x to int8 for this weight format and K: int8 or int4 weights, K in whole
     words of either (a multiple of 8), and not turned off by ERNIE_DP4A=0. For int8 on every matrix
     too: keeping the float kernel on the single matrices, where rounding x costs more than dp4a
-    saves, lost 10% of 8-layer decode (round 42, docs/performance.md)."""
+    saves, lost 10% of 8-layer decode (docs/performance.md)."""
     return DP4A and fmt in ("int8", "int4") and k % 8 == 0
 
 
@@ -112,7 +112,7 @@ if triton is not None:
         # A call of its own, apart from _program_rows: Inductor's analysis takes every result of a
         # call to depend on every argument, so with idx_ptr there the output's address "came from"
         # idx, idx counted as written, and the decode graph copied it before every launch (two copy
-        # kernels a MoE layer, round 60; tests/test_gpu_gemv.py checks the analysis).
+        # kernels a MoE layer, 8.3% of a bf16 step; tests/test_gpu_gemv.py checks the analysis).
         if HAS_IDX:
             return tl.load(idx_ptr + tl.program_id(1)).to(tl.int64)
         else:
@@ -145,7 +145,7 @@ if triton is not None:
         # int-to-float, with x scaled by 16^-j instead. x is read once per program and step, one vector
         # per nibble, and broadcast over the rows; a group's words are summed in registers. The byte
         # loop (_gemv) spends about 12 SASS instructions a weight (one-byte loads with a mask each,
-        # layout shuffles); this one about 4.3 (docs/performance.md, sixth session).
+        # layout shuffles); this one about 4.3.
         slot, rows, row_ok = _program_rows(N, BLOCK_N)
         e = _program_expert(idx_ptr, HAS_IDX)
         if _IDX_LOOKS_WRITTEN:
@@ -226,7 +226,7 @@ if triton is not None:
         # two ANDs. Integer sums are exact; the only new error is x's rounding (2^-8 of a group's
         # largest |x|), as llama.cpp's q8_1 activations. Every program rounds x itself: a separate
         # kernel would cost a launch per product. That replicated work is why matrices of few rows
-        # per program (int8's shared experts) ran slower here than in _gemv (round 33).
+        # per program (int8's shared experts) ran slower here than in _gemv, timed alone.
         slot, rows, row_ok = _program_rows(N, BLOCK_N)
         e = _program_expert(idx_ptr, HAS_IDX)
         if _IDX_LOOKS_WRITTEN:

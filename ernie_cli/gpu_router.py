@@ -31,7 +31,7 @@ ROUTE_WARPS = int(os.environ.get("ERNIE_ROUTE_WARPS", "1"))
 def sums_logits(x: torch.Tensor) -> bool:
     """Whether the router's logits for x [T, H] are one_token_logits: one token, on CUDA, inside
     torch.compile. There F.linear's float32 [1, H] x [H, E] became two cuBLAS kernels a layer, a dot
-    and a reduce (3.8 µs together on the H200, round 60); written as a product and a sum, Inductor
+    and a reduce (3.8 µs together on the H200); written as a product and a sum, Inductor
     makes one reduction kernel and fuses the cast into it."""
     return LOGITS_AS_SUM and x.is_cuda and x.shape[0] == 1 and torch.compiler.is_compiling()
 

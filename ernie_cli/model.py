@@ -391,7 +391,7 @@ def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate
     # k - 1 additions, not a sum over slots: Inductor turns a reduction into pointwise code only
     # below 8 items (config.unroll_reductions_threshold). With the shared experts in the stack a
     # token takes 8, so the sum was a kernel of its own in every MoE layer of the decode graph
-    # (round 60); as additions it joins the kernel of the residual add and the next norm.
+    # (27 a bf16 step on the H200); as additions it joins the kernel of the residual add and the next norm.
     out = y[0] * w[0]
     for slot in range(1, y.shape[0]):
         out = out + y[slot] * w[slot]
@@ -516,7 +516,7 @@ class ErnieForCausalLM(nn.Module):
         No host syncs and no data-dependent shapes, so torch.compile can capture it in one CUDA graph.
         """
         # The layers get the whole RoPE tables; each attention takes the row at pos itself. Taken
-        # here, Inductor copied the row once a layer for the attention operator (round 60's
+        # here, Inductor copied the row once a layer for the attention operator (its
         # index_split kernels, 28 a step). ERNIE_ROPE_ROWS=graph takes the rows here, for comparison.
         cos, sin = (self.rope_cos, self.rope_sin) if ROPE_TABLES_TO_LAYERS else (self.rope_cos[pos], self.rope_sin[pos])
         x = self.embed_tokens(tokens)
