@@ -7,7 +7,7 @@ The checkpoint is hollow: only the embedding (also the tied head), norms and rou
 values; every other tensor is a hole in a sparse file, read back as zeros. It has the real names,
 shapes and 43.7 GB of the release, so the loader, the memory check, the copy to the GPU and the
 compile do all their work, but nothing comes from the disk (the time that would take depends on
-the disk, and the issue asks for the figure without it), and the 64 GB disk of the GPU machine
+the disk, so the figure is given without it), and the 64 GB disk of the GPU machine
 need not hold a real copy. With the layers' matrices zero the model still produces varied tokens:
 the embedding goes through the final norm into the tied head.
 

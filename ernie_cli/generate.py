@@ -87,7 +87,7 @@ class PrefillGraphs:
         if self._cache() is not cache:  # every graph writes into its cache: drop them all
             self.graphs.clear()
             # and their pool with them: torch frees a pool whose last graph is gone, and capturing into
-            # the freed pool's handle again fails an assertion in its allocator (device round 53).
+            # the freed pool's handle again fails an assertion in its allocator.
             self.pool = None
             self._cache = weakref.ref(cache)
         if n not in self.graphs:

@@ -8,7 +8,7 @@ position tensor on the GPU, so only filled slots are read, and the grid stays fi
 programs per KV head each take one stretch of the positions, with the GROUP query heads that share
 that KV head as the rows of one tensor-core product; a second kernel weighs the stretches' partial
 sums by their softmax maxima. (Having the last of a KV head's programs to finish do that weighing, told
-by an atomic counter, saved the launch but measured 3.7% slower a bf16 step, round 67; removed.)
+by an atomic counter, saved the launch but measured 3.7% slower a bf16 step; removed.)
 
 The first kernel can also take the new token's query, key and value as the projection left them:
 it rotates them (RoPE) and writes the key and value into the cache itself
@@ -132,7 +132,7 @@ def decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: t
 
 
 # An operator, opaque to Dynamo: traced as plain Triton calls, the 8-layer decode graph failed to
-# compile on the device (round 40), while the kernels passed their tests eagerly. Inside the CUDA
+# compile on the GPU (Dynamo typed the float scale as fp64), while the kernels passed their tests eagerly. Inside the CUDA
 # graph the operator costs nothing more: the graph replays its two launches.
 @torch.library.custom_op("ernie::decode_attention", mutates_args=())
 def decode_op(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor, scale: float,

@@ -2,14 +2,12 @@
 
 Why: in a 512-token bf16 prefill an expert sees about 48 token rows, so its products are bound by
 reading its weights, and torch's grouped GEMM (CUTLASS, sm90) read them at about 2.9 TB/s, 14.2 of
-the 22 ms of GPU time (docs/performance.md, round 14). Here a program takes BLOCK_N weight rows of
+the 22 ms of GPU time (docs/performance.md). Here a program takes BLOCK_N weight rows of
 one expert and BLOCK_M of its token rows; an expert's row blocks are neighbours in the grid, so
 its weights are read from memory about once however many rows it has. Three pieces of work that
 were kernels of their own happen while loading or storing: the gate_up product reads each sorted
 row straight from its token, forms silu(gate) * up in registers (a program holds the gate and the
 up rows of the same units), and the down product writes each row back to its token's slot.
-
-ERNIE_GROUPED_GEMM=torch keeps torch's grouped GEMM, for comparison.
 """
 
 from __future__ import annotations

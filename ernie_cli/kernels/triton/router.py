@@ -11,7 +11,6 @@ out in descending score order, ties to the lower index.
 
 from __future__ import annotations
 
-
 import torch
 
 from ernie_cli.kernels.triton import gemv as gpu_gemv
