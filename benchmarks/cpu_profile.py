@@ -21,11 +21,10 @@ torch.set_num_threads(2)
 raw = json.load(open("benchmarks/configs/ERNIE-4.5-21B-A3B-Base-PT.json"))
 cfg = parse_config(raw).replace(num_hidden_layers=3, moe_layer_end_index=2)
 m = quantize_model(random_model(cfg, "cpu", torch.bfloat16), "int4")
-m.setup_cache(1, 64)
 ids = torch.randint(3, 1000, (1, 60))
 dec = Decoder(m)
 with torch.inference_mode():
-    m(ids[:, :1], 0)
+    m(ids[:, :1], 0, dec.reserve(64))
     for i in range(1, 6):
         dec(ids[:, i : i + 1], i)
     t = time.perf_counter()

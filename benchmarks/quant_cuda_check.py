@@ -37,21 +37,21 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def run(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = ids.to(model.device)
     prefill = model(ids).float().cpu()
-    model.setup_cache(1, ids.shape[1] + 1)
-    model(ids[:1, : ids.shape[1] - steps], 0)
-    decode = [model(ids[:1, p : p + 1], p).float().cpu() for p in range(ids.shape[1] - steps, ids.shape[1])]
+    cache = model.new_cache(1, ids.shape[1] + 1)
+    model(ids[:1, : ids.shape[1] - steps], 0, cache)
+    decode = [model(ids[:1, p : p + 1], p, cache).float().cpu() for p in range(ids.shape[1] - steps, ids.shape[1])]
     return prefill, torch.cat(decode, dim=1)
 
 
 @torch.no_grad()
 def tokens_per_s(model, n: int = 64) -> float:
-    model.setup_cache(1, n + 8)
+    cache = model.new_cache(1, n + 8)
     tok = torch.tensor([[5]], device=model.device)
-    model(torch.tensor([[1, 2, 3, 4]], device=model.device), 0)
+    model(torch.tensor([[1, 2, 3, 4]], device=model.device), 0, cache)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for p in range(4, 4 + n):
-        tok = model(tok, p)[:, -1].argmax(-1, keepdim=True)
+        tok = model(tok, p, cache)[:, -1].argmax(-1, keepdim=True)
     torch.cuda.synchronize()
     return n / (time.perf_counter() - t)
 

@@ -131,7 +131,7 @@ def kernel_speed(threads: int = 2) -> None:
     import torch.nn.functional as F
 
     from ernie_cli.kernels import quantized
-from ernie_cli.quant.weight import QuantWeight
+    from ernie_cli.quant.weight import QuantWeight
 
     torch.set_num_threads(threads)
     n, k, count = 3072, 2560, 48

@@ -327,7 +327,7 @@ def run_grouped_mm(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, ga
     experts_sorted, order = torch.sort(idx.flatten(), stable=True)
     ids = torch.arange(gate_up.shape[0], device=x.device, dtype=experts_sorted.dtype)
     offsets = torch.searchsorted(experts_sorted, ids, right=True, out_int32=True)
-    if _eager_triton(x) and x.dtype in (torch.bfloat16, torch.float16):
+    if TRITON and triton_grouped.usable(x):
         # the gather, the SwiGLU and the return to slot order inside the products
         h = triton_grouped.grouped(x, gate_up, offsets, swiglu=True, order=order, gather=k)
         by_slot = triton_grouped.grouped(h, down, offsets, order=order).view(t, k, -1)
