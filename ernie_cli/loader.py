@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ernie_cli.cachedir import set_compiler_cache_env
 from ernie_cli.checkpoint import Checkpoint
 from ernie_cli.config import ErnieConfig, load_config
 from ernie_cli.errors import ErnieError
@@ -28,6 +29,13 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    device = _device(name)
+    if device.type == "cuda":  # Triton compiles ernie's kernels on first use, compiled or not
+        set_compiler_cache_env()
+    return device
+
+
+def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
