@@ -95,6 +95,23 @@ def kv_cache_bytes(cfg: ErnieConfig, positions: int, dtype: torch.dtype) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions * size
 
 
+def activation_bytes(cfg: ErnieConfig, tokens: int, positions: int, dtype: torch.dtype) -> int:
+    """Memory one forward over `tokens` new tokens (attending to `positions` keys, cached ones
+    included) holds beyond the weights and the KV cache, generously, so that a refusal comes before
+    the allocator fails: a layer's intermediates at their widest, all counted in float32 (RMSNorm,
+    RoPE and the router compute in it), the attention mask and its float copy where new tokens
+    follow a filled cache (attention itself runs in blocks: no T x S scores), and one row of logits."""
+    h = cfg.hidden_size
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    mlp, router = cfg.intermediate_size, 0
+    if cfg.is_moe:
+        mlp = max(mlp, cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.num_shared_experts))
+        router = 3 * cfg.num_experts + 4 * cfg.num_experts_per_tok  # logits, probabilities, ids and weights
+    per_token = 4 * (8 * h + 2 * qkv + 4 * mlp + router)
+    mask = tokens * positions * 5 if tokens > 1 and positions > tokens else 0
+    return tokens * per_token + mask + 4 * cfg.vocab_size
+
+
 def check_fits(need: int, device: torch.device, what: str) -> None:
     free = available_bytes(device)
     if need > free:
