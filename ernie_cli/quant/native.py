@@ -1,8 +1,9 @@
 """The AVX-512 VNNI int4/int8 matrix-vector kernels of cpu_kernels.c, compiled on first use.
 
-The C file is built with the system's C compiler for this very CPU (-march=native) into
-~/.cache/ernie/kernels, under a name that hashes the source, the flags and the CPU model, written
-under a temporary name and renamed. Python reaches it through ctypes: the kernels take raw
+The C file is built with the system's C compiler for this very CPU (-march=native) into the
+kernels folder of ernie's cache (ernie_cli.cachedir: $XDG_CACHE_HOME/ernie or ~/.cache/ernie), under
+a name that hashes the source, the flags and the CPU model, written under a temporary name and
+renamed. Python reaches it through ctypes: the kernels take raw
 pointers, so no torch headers are needed and the build takes about a second.
 
 Where the CPU lacks AVX-512 VNNI, no compiler is found, or the build fails, `kernels()` returns
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ernie_cli.cachedir import cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"] + os.environ.get("ERNIE_KFLAGS", "").split()
@@ -50,7 +53,8 @@ def _cpu_flags() -> tuple[set[str], str]:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("ERNIE_KERNEL_CACHE", Path.home() / ".cache" / "ernie" / "kernels"))
+    override = os.environ.get("ERNIE_KERNEL_CACHE")
+    return Path(override) if override else cache_dir("kernels")
 
 
 def _build(compiler: str, target: Path) -> None:
