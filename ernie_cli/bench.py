@@ -22,7 +22,11 @@ from pathlib import Path
 import torch
 
 from ernie_cli.config import ErnieConfig
+from ernie_cli.console import warn
+from ernie_cli.errors import ErnieError, UsageError
 from ernie_cli.generate import Decoder
+from ernie_cli.loader import activation_bytes, available_bytes, kv_cache_bytes
+from ernie_cli.cache import CACHE_BLOCK
 from ernie_cli.model import Experts, ErnieForCausalLM
 
 
@@ -46,6 +50,12 @@ class BenchCase:
     def tokens(self) -> int:
         return self.prompt + self.generate
 
+    @property
+    def positions(self) -> int:
+        """Positions the test fills: the depth, the prompt (one token before a decode-only test's
+        first step), then one per decode step."""
+        return self.depth + max(self.prompt, 1) + self.generate
+
 
 def build_tests(prompts: list[int], generates: list[int], pairs: list[tuple[int, int]], depths: list[int]) -> list[BenchCase]:
     """Every combination, like llama-bench: each -p alone, each -n alone, each --pg pair, at each depth."""
@@ -55,6 +65,103 @@ def build_tests(prompts: list[int], generates: list[int], pairs: list[tuple[int,
         tests += [BenchCase(0, n, d) for n in generates if n > 0]
         tests += [BenchCase(p, n, d) for p, n in pairs]
     return tests
+
+
+def check_sizes(prompts: list[int], generates: list[int], pairs: list[tuple[int, int]], depths: list[int], context: int) -> None:
+    """A usage error for a size that no test can hold in a context of `context` positions, at any depth."""
+    def refuse(option: str, value: str, most: int, why: str = "") -> UsageError:
+        return UsageError(
+            f"{option} {value} is more than the model's context of {context} positions can ever hold{why}: use at most {most}."
+        )
+
+    for p in prompts:
+        if p > context:
+            raise refuse("-p", str(p), context)
+    for n in generates:
+        if n + 1 > context:
+            raise refuse("-n", str(n), context - 1, " (a decode test starts after one prompt token)")
+    for p, n in pairs:
+        if p + n > context:
+            raise refuse("--pg", f"{p},{n}", context, " (prompt and generated tokens together)")
+    for d in depths:
+        if d >= context:
+            raise refuse("-d", str(d), context - 1, " with a test after it")
+
+
+def plan_tests(prompts: list[int], generates: list[int], pairs: list[tuple[int, int]], depths: list[int], context: int) -> list[BenchCase]:
+    """build_tests, less those past a context of `context` positions, which are named in one warning.
+
+    A size no depth can make fit is a usage error (check_sizes), and so is a sweep none of whose
+    combinations fits; a combination alone past the context is skipped, so one sweep can span
+    several depths."""
+    check_sizes(prompts, generates, pairs, depths, context)
+    tests = build_tests(prompts, generates, pairs, depths)
+    kept = [t for t in tests if t.positions <= context]
+    skipped = ", ".join(t.name for t in tests if t.positions > context)
+    if not kept:
+        raise UsageError(f"no test fits in the model's context of {context} positions ({skipped}): lower -d, -p, -n or --pg.")
+    if skipped:
+        warn(f"skipping {skipped}: past the model's context of {context} positions.")
+    return kept
+
+
+# ---- memory ------------------------------------------------------------------------------------------
+
+
+def case_bytes(cfg: ErnieConfig, spec: BenchCase, dtype: torch.dtype, cache_capacity: int = 0) -> int:
+    """Memory a test needs beside the weights: its KV cache (none where a cache of `cache_capacity`
+    positions is kept, see Decoder.reserve) and RoPE tables at the capacity a KVCache
+    rounds to, its token ids, and the larger of the untimed depth fill's and the timed forward's
+    activations."""
+    slots = spec.positions + 1
+    capacity = -(-slots // CACHE_BLOCK) * CACHE_BLOCK
+    cache = 0 if cache_capacity >= slots else kv_cache_bytes(cfg, capacity, dtype) + 2 * 4 * capacity * cfg.head_dim
+    fill = activation_bytes(cfg, spec.depth, spec.depth, dtype) if spec.depth else 0
+    step = max(spec.prompt, 1)
+    return cache + 8 * slots + max(fill, activation_bytes(cfg, step, spec.depth + step, dtype))
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory, counting on CUDA the blocks torch holds cached but unused (it reuses them first)."""
+    free = available_bytes(device)
+    if device.type == "cuda":
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free
+
+
+def check_memory(cfg: ErnieConfig, tests: list[BenchCase], dtype: torch.dtype, device: torch.device, free: int | None = None,
+                 cache_capacity: int = 0, held: int = 0) -> None:
+    """Refuse (ErnieError, exit 1) the first test that would not fit, saying what would: the caller
+    learns it in a second instead of from the out-of-memory killer. held: bytes of a KV cache that
+    a larger one replaces, freed as it is."""
+    free = free_bytes(device) if free is None else free
+    for spec in tests:
+        need = case_bytes(cfg, spec, dtype, cache_capacity)
+        room = free + (held if cache_capacity < spec.positions + 1 else 0)
+        if need > room:
+            gib = 1024**3
+            raise ErnieError(
+                f"{spec.name} needs about {need / gib:.1f} GiB for its KV cache and activations but only "
+                f"{room / gib:.1f} GiB is free on {device}: {_what_fits(cfg, spec, dtype, room)}"
+            )
+
+
+def _what_fits(cfg: ErnieConfig, spec: BenchCase, dtype: torch.dtype, free: int) -> str:
+    """The largest test of the same kind at the same depth that fits in `free` bytes, as options."""
+    if spec.prompt:
+        make, most, option = (lambda x: BenchCase(x, spec.generate, spec.depth)), spec.prompt, "-p {}"
+        if spec.generate:
+            option = f"--pg {{}},{spec.generate}"
+    else:
+        make, most, option = (lambda x: BenchCase(0, x, spec.depth)), spec.generate, "-n {}"
+    lo, hi = 0, most  # the largest x with make(x) fitting lies in [lo, hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if case_bytes(cfg, make(mid), dtype) <= free else (lo, mid)
+    at = f" at depth {spec.depth}" if spec.depth else ""
+    if lo == 0:
+        return f"not even one token fits{at}; lower -d, or use a quantized model or a device with more memory."
+    return f"at most {option.format(lo)} fits{at}; lower the size, or use a quantized model or a device with more memory."
 
 
 @dataclass
@@ -163,7 +270,7 @@ def _peak(device: torch.device) -> int:
 def _run_once(decoder: Decoder, spec: BenchCase, ids: torch.Tensor, clock: _Clock) -> tuple[float, float]:
     """One repetition: returns (timed seconds, seconds to the first new token)."""
     model = decoder.model
-    cache = decoder.reserve(spec.depth + max(spec.prompt, 1) + spec.generate + 1)
+    cache = decoder.reserve(spec.positions + 1)
     pos = 0
     if spec.depth:
         model(ids[:, : spec.depth], 0, cache, last=spec.depth - 1)
@@ -188,9 +295,13 @@ def _run_once(decoder: Decoder, spec: BenchCase, ids: torch.Tensor, clock: _Cloc
 def run_test(model: ErnieForCausalLM, spec: BenchCase, repetitions: int, seed: int = 0, progress=None, decoder: Decoder | None = None) -> CaseResult:
     device = model.device
     decoder = decoder or Decoder(model)
+    cache = decoder.cache
+    capacity = cache.capacity if cache is not None else 0
+    held = sum(_tensor_bytes(t) for t in cache.buffers()) if cache is not None else 0
+    check_memory(model.config, [spec], model.dtype, device, cache_capacity=capacity, held=held)
     clock = _Clock(device)
     gen = torch.Generator().manual_seed(seed)
-    n = spec.depth + max(spec.prompt, 1) + spec.generate + 1
+    n = spec.positions + 1
     ids = torch.randint(3, min(model.config.vocab_size, 100_000), (1, n), generator=gen).to(device)
     _run_once(decoder, spec, ids, clock)  # warm-up: allocations, kernel selection, caches
     _reset_peak(device)

@@ -16,3 +16,10 @@ class UsageError(ErnieError):
 
 class PipeClosed(Exception):
     """The reader of stdout went away (`| head`). Not an OSError, so click does not turn it into exit 1."""
+
+
+def os_reason(exc: OSError) -> str:
+    """An OSError's cause in words ("read-only file system"), without the errno number and the
+    path that the sentence around it already names."""
+    text = exc.strerror or str(exc)
+    return text[:1].lower() + text[1:]

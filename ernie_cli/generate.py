@@ -6,11 +6,11 @@ import os
 import time
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from ernie_cli.cachedir import set_compiler_cache_env
 from ernie_cli.console import warn
 from ernie_cli.cache import KVCache
 from ernie_cli.kernels import ops
@@ -27,8 +27,7 @@ def use_compile(option: str, device: torch.device) -> bool:
 
 
 def _compile_settings() -> None:
-    # Persist Inductor's caches across runs, so a second `ernie complete` does not recompile.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "ernie" / "inductor"))
+    set_compiler_cache_env()  # before Inductor reads it: a second `ernie complete` does not recompile
     import torch._inductor.config as inductor
 
     inductor.fx_graph_cache = True

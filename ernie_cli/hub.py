@@ -25,7 +25,7 @@ import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from ernie_cli import __version__
 from ernie_cli.console import info, stderr_is_tty, warn
@@ -48,6 +48,8 @@ DEFAULT_PATTERNS = (
 WORKERS = 4  # parallel files: one Hub connection rarely fills a fast link
 CHUNK = 1 << 20
 RETRIES = 5  # consecutive failed attempts without new bytes before a file is given up
+LIST_ATTEMPTS = 3  # tries of the file listing: at the default 10 s timeout a silent Hub is given up within 40 s
+BACKOFF = 0.5  # seconds before the first retry; grows with each failure in a row
 _HEX40 = re.compile(r"[0-9a-f]{40}")  # a commit, or a git blob id
 
 
@@ -107,6 +109,7 @@ def resolve_model(
         raise ErnieError(
             f"no model directory or repo id {ref!r}: pass a folder holding an ERNIE checkpoint or a Hub id like {DEFAULT_MODEL}."
         )
+    _check_revision(revision)
     from huggingface_hub import constants
 
     offline = constants.is_offline_mode() if offline is None else offline
@@ -140,6 +143,7 @@ def download_snapshot(
     from huggingface_hub import constants
 
     _check_repo_id(repo_id)
+    _check_revision(revision)
     cache = _cache_dir(cache_dir)
     if constants.is_offline_mode():
         snap = _offline_snapshot(repo_id, revision, cache, local_dir)
@@ -231,16 +235,34 @@ def select_files(files: list[RemoteFile], include: list[str] | None = None, excl
 
 
 def _list_files(repo_id: str, revision: str | None, token: str | None, endpoint: str) -> tuple[str, list[RemoteFile]]:
-    from huggingface_hub import HfApi
+    """The commit and its files, every name, commit and blob id checked before any of them reaches a path.
 
-    try:
-        model = HfApi(endpoint=endpoint, library_name="ernie-cli", library_version=__version__).model_info(
-            repo_id, revision=revision, files_metadata=True, token=token
-        )
-    except Exception as exc:  # noqa: BLE001 - mapped to one line, re-raised when unknown
-        raise _hub_error(exc, repo_id, revision, endpoint, token) from None
+    huggingface_hub's own client has no timeout at all, so a Hub that accepts and never answers would
+    hang here forever: each try gets HF_HUB_ETAG_TIMEOUT (connect and each read), and the GET, which
+    changes nothing, is repeated after a drop, a timeout, a 429 or a 5xx.
+    """
+    from huggingface_hub import HfApi, constants
+
+    timeout = constants.HF_HUB_ETAG_TIMEOUT
+    api = HfApi(endpoint=endpoint, library_name="ernie-cli", library_version=__version__)
+    for attempt in range(1, LIST_ATTEMPTS + 1):
+        try:
+            model = api.model_info(repo_id, revision=revision, files_metadata=True, token=token, timeout=timeout)
+            break
+        except Exception as exc:  # noqa: BLE001 - mapped to one line, re-raised when unknown
+            if attempt == LIST_ATTEMPTS or not _transient(exc):
+                raise _hub_error(exc, repo_id, revision, endpoint, token, tries=attempt, timeout=timeout) from None
+            time.sleep(BACKOFF * 2 ** (attempt - 1))
+    if not model.sha:
+        raise ErnieError(f"{endpoint} gave no commit for {repo_id}: it does not look like a Hugging Face Hub; check HF_ENDPOINT.")
+    _check_id(model.sha, 40, "commit id", repo_id, endpoint)
     files = []
     for s in model.siblings or []:
+        if why := _unsafe_path(s.rfilename):
+            raise ErnieError(
+                f"{endpoint} lists {s.rfilename!r} in {repo_id}, a name that could write outside the download folder ({why}): "
+                "nothing was written; check HF_ENDPOINT, or report the file to the repo owner."
+            )
         lfs = s.lfs
         etag = lfs.sha256 if lfs else s.blob_id
         if etag is None or s.size is None:
@@ -248,14 +270,68 @@ def _list_files(repo_id: str, revision: str | None, token: str | None, endpoint:
                 f"{endpoint} gave no size or blob id for {repo_id}/{s.rfilename}: "
                 "it does not look like a Hugging Face Hub; check HF_ENDPOINT."
             )
+        _check_id(etag, 64 if lfs else 40, "sha256" if lfs else "blob id", repo_id, endpoint, s.rfilename)
         files.append(RemoteFile(s.rfilename, lfs.size if lfs else s.size, etag, lfs.sha256 if lfs else None))
-    if not model.sha:
-        raise ErnieError(f"{endpoint} gave no commit for {repo_id}: it does not look like a Hugging Face Hub; check HF_ENDPOINT.")
     return model.sha, files
 
 
+def _unsafe_path(path: str) -> str | None:
+    """Why `path` cannot be joined to a local folder safely; None when it can."""
+    if "\0" in path:
+        return "it holds a NUL byte"
+    if "\\" in path:
+        return "it holds a backslash, a separator on Windows"
+    if path.startswith("/") or PureWindowsPath(path).drive:
+        return "it is absolute"
+    parts = path.split("/")
+    if ".." in parts:
+        return "it has a '..' component"
+    if "" in parts or "." in parts:
+        return "it has an empty or '.' component"
+    return None
+
+
+def _check_id(value: str, digits: int, what: str, repo_id: str, endpoint: str, path: str | None = None) -> None:
+    """Commits and blob ids become folder and file names in the cache: only the Hub's hex form is let through."""
+    if not re.fullmatch(f"[0-9a-f]{{{digits}}}", value):
+        of = f" for {path}" if path else ""
+        raise ErnieError(
+            f"{endpoint} gave {what} {value!r}{of} in {repo_id} where a Hub gives {digits} hex digits, and it would "
+            "name a file on disk: nothing was written; check HF_ENDPOINT."
+        )
+
+
+def _transient(exc: BaseException) -> bool:
+    """A failure that asking again may cure: a drop, a timeout, a Hub that is busy or restarting."""
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if isinstance(exc, HfHubHTTPError):
+        status = getattr(exc.response, "status_code", None)
+        return status == 429 or (status is not None and status >= 500)
+    return isinstance(exc, (httpx2.TransportError, ConnectionError, TimeoutError))
+
+
+def _origin(exc: BaseException, endpoint: str) -> str:
+    """The server that failed: the endpoint, or the file server it redirected to."""
+    try:
+        url = exc.request.url  # httpx errors carry the request that failed
+        origin = f"{url.scheme}://{url.netloc.decode()}"
+    except (AttributeError, RuntimeError):
+        return endpoint
+    return endpoint if origin == endpoint else f"{origin} (redirected from {endpoint})"
+
+
 def _hub_error(
-    exc: Exception, repo_id: str, revision: str | None, endpoint: str, token: str | None, what: str | None = None
+    exc: Exception,
+    repo_id: str,
+    revision: str | None,
+    endpoint: str,
+    token: str | None,
+    what: str | None = None,
+    *,
+    tries: int = 1,
+    timeout: float | None = None,
 ) -> Exception:
     """One line for each way the Hub can refuse; anything unforeseen is returned unchanged."""
     import httpx2
@@ -288,16 +364,27 @@ def _hub_error(
         return ErnieError(
             f"{repo_id} lists {what} but {endpoint} cannot serve it (404): try again later, or report it to the repo owner."
         )
+    times = f", {tries} tries" if tries > 1 else ""
     if isinstance(exc, HfHubHTTPError):
-        return ErnieError(f"{endpoint} answered HTTP {status} for {repo_id}{'/' + what if what else ''}: try again later.")
+        return ErnieError(
+            f"{_origin(exc, endpoint)} answered HTTP {status} for {repo_id}{'/' + what if what else ''}{times}: try again later."
+        )
     if isinstance(exc, (httpx2.TransportError, ConnectionError, TimeoutError)):
+        stalled = isinstance(exc, (httpx2.TimeoutException, TimeoutError))
         if what:
+            slow = " (or raise HF_HUB_DOWNLOAD_TIMEOUT on a slow link)" if stalled else ""
             return ErnieError(
-                f"lost the connection to {endpoint} while fetching {what} ({type(exc).__name__}): "
-                "check the network and run the command again; it resumes where it stopped."
+                f"lost the connection to {_origin(exc, endpoint)} while fetching {what} ({type(exc).__name__}{times}): "
+                f"check the network{slow} and run the command again; it resumes where it stopped."
+            )
+        if stalled and timeout:
+            return ErnieError(
+                f"{endpoint} did not answer within {timeout:g} s ({type(exc).__name__}{times}): check the network and "
+                "HF_ENDPOINT, raise HF_HUB_ETAG_TIMEOUT on a slow link, or set HF_HUB_OFFLINE=1 to use what is cached."
             )
         return ErnieError(
-            f"cannot reach {endpoint} ({type(exc).__name__}): check the network, or set HF_HUB_OFFLINE=1 to use what is cached."
+            f"cannot reach {endpoint} ({type(exc).__name__}{times}): check the network and HF_ENDPOINT, "
+            "or set HF_HUB_OFFLINE=1 to use what is cached."
         )
     return exc
 
@@ -311,6 +398,12 @@ def _stored_token() -> bool:
 def _check_repo_id(repo_id: str) -> None:
     if not _looks_like_repo_id(repo_id):
         raise UsageError(f"{repo_id!r} is not a Hub repo id: use the form org/name, e.g. {DEFAULT_MODEL}.")
+
+
+def _check_revision(revision: str | None) -> None:
+    # a branch or tag becomes refs/<revision> in the cache; a slash is fine (refs/pr/1), climbing out is not
+    if revision is not None and (why := _unsafe_path(revision)):
+        raise UsageError(f"--revision {revision!r} cannot be a branch, tag or commit ({why}): pass one that exists.")
 
 
 def _looks_like_repo_id(ref: str) -> bool:
@@ -616,13 +709,11 @@ class _Fetcher:
                             os.fsync(out.fileno())
                     if have < f.size:
                         raise httpx2.RemoteProtocolError("the connection ended before the file did")
-                except HfHubHTTPError as exc:
-                    raise _hub_error(exc, self.repo_id, None, self.endpoint, self.token, f.path) from None
-                except (httpx2.TransportError, ConnectionError, TimeoutError) as exc:
+                except (HfHubHTTPError, httpx2.TransportError, ConnectionError, TimeoutError) as exc:
                     failures = 0 if have > before else failures + 1
-                    if failures >= RETRIES or self.cancel.is_set():
-                        raise _hub_error(exc, self.repo_id, None, self.endpoint, self.token, f.path) from exc
-                    time.sleep(0.5 * failures)  # at once after a cut that brought bytes, then back off
+                    if not _transient(exc) or failures >= RETRIES or self.cancel.is_set():
+                        raise _hub_error(exc, self.repo_id, None, self.endpoint, self.token, f.path, tries=failures) from None
+                    self.cancel.wait(BACKOFF * failures)  # at once after a cut that brought bytes, then back off
             partial.touch()  # an empty file has no bytes to write
             return have, hasher.hexdigest()
         finally:

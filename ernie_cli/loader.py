@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ernie_cli.cachedir import set_compiler_cache_env
 from ernie_cli.checkpoint import Checkpoint
 from ernie_cli.config import ErnieConfig, load_config
 from ernie_cli.errors import ErnieError
@@ -28,6 +29,13 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes total)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    device = _device(name)
+    if device.type == "cuda":  # Triton compiles ernie's kernels on first use, compiled or not
+        set_compiler_cache_env()
+    return device
+
+
+def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -85,6 +93,23 @@ def available_bytes(device: torch.device) -> int:
 def kv_cache_bytes(cfg: ErnieConfig, positions: int, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * positions * size
+
+
+def activation_bytes(cfg: ErnieConfig, tokens: int, positions: int, dtype: torch.dtype) -> int:
+    """Memory one forward over `tokens` new tokens (attending to `positions` keys, cached ones
+    included) holds beyond the weights and the KV cache, generously, so that a refusal comes before
+    the allocator fails: a layer's intermediates at their widest, all counted in float32 (RMSNorm,
+    RoPE and the router compute in it), the attention mask and its float copy where new tokens
+    follow a filled cache (attention itself runs in blocks: no T x S scores), and one row of logits."""
+    h = cfg.hidden_size
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+    mlp, router = cfg.intermediate_size, 0
+    if cfg.is_moe:
+        mlp = max(mlp, cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.num_shared_experts))
+        router = 3 * cfg.num_experts + 4 * cfg.num_experts_per_tok  # logits, probabilities, ids and weights
+    per_token = 4 * (8 * h + 2 * qkv + 4 * mlp + router)
+    mask = tokens * positions * 5 if tokens > 1 and positions > tokens else 0
+    return tokens * per_token + mask + 4 * cfg.vocab_size
 
 
 def check_fits(need: int, device: torch.device, what: str) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from ernie_cli.cachedir import cache_dir
 from ernie_cli.errors import ErnieError
 from ernie_cli.files import ADDED_TOKENS, SPECIAL_TOKENS_MAP, SPM_COMPANIONS, SPM_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON
 
@@ -122,8 +123,7 @@ def load_tokenizer(model_dir: Path, cache_dir: Path | None = None) -> ErnieToken
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ernie"
+    return cache_dir()
 
 
 # ---------------------------------------------------------------------------------------------

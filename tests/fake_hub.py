@@ -8,7 +8,14 @@ the Authorization header on the way, as it does with the real one). Errors carry
 
 Tests can count the body bytes served per file and inject faults into the next GETs of a file:
 `("cut", n)` closes the connection after n bytes, `("stall", n)` sends n bytes and then waits for
-`release`, `"corrupt"` flips a byte.
+`release`, `"corrupt"` flips a byte, an int answers with that HTTP status. `api_faults` does the same
+for the next model-info answers: `"stall"` never answers (until `release`), `("cut", n)` sends n bytes
+of the announced JSON and closes, an int answers with that HTTP status. `tamper` edits the model-info
+JSON before it is sent (a Hub that lies about names, commits or blob ids), and `raw` serves fixed bytes
+at exact URL paths, whatever the repos hold.
+
+`silent_endpoint()` is a server that accepts connections and never answers; `closed_endpoint()` is an
+address where nothing listens.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import re
 import socket
 import threading
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -50,6 +59,10 @@ class FakeHub:
         self.served: Counter[str] = Counter()  # path in the repo -> body bytes sent
         self.gets: list[tuple[str, str | None]] = []  # (path, Range header) of every body GET
         self.faults: dict[str, list] = defaultdict(list)
+        self.api_faults: list = []
+        self.api_calls = 0  # model-info requests received, faulty ones included
+        self.tamper: Callable[[dict], None] | None = None
+        self.raw: dict[str, bytes] = {}
         self.release = threading.Event()
         self._by_sha: dict[str, tuple[str, bytes]] = {}
         self._lock = threading.Lock()
@@ -95,6 +108,11 @@ class FakeHub:
         with self._lock:
             return self.faults[path].pop(0) if self.faults[path] else None
 
+    def next_api_fault(self):
+        with self._lock:
+            self.api_calls += 1
+            return self.api_faults.pop(0) if self.api_faults else None
+
     def count(self, path: str, n: int) -> None:
         with self._lock:
             self.served[path] += n
@@ -132,6 +150,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._error(404, "EntryNotFound")
                 name, data = hub._by_sha[m[1]]
                 return self._send_file(name, data, {"ETag": f'"{m[1]}"'}, body)
+            if path in hub.raw:
+                return self._send_file(path, hub.raw[path], {}, body)
             if m := re.fullmatch(r"/api/models/([^/]+/[^/]+?)(?:/revision/(.+))?", path):
                 return self._model_info(m[1], m[2] or "main")
             if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
@@ -160,6 +180,14 @@ class _Handler(BaseHTTPRequestHandler):
         return repo, commit
 
     def _model_info(self, repo_id: str, rev: str) -> None:
+        hub = self.server.hub
+        fault = hub.next_api_fault()
+        if fault == "stall":
+            hub.release.wait(60)
+            self.close_connection = True
+            return
+        if isinstance(fault, int):
+            return self._error(fault, None, "injected")
         found = self._repo(repo_id, rev)
         if found is None:
             return
@@ -170,8 +198,18 @@ class _Handler(BaseHTTPRequestHandler):
             if is_lfs(name, data):
                 sibling["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
             siblings.append(sibling)
-        payload = json.dumps({"id": repo_id, "modelId": repo_id, "sha": commit, "private": repo.token is not None,
-                              "gated": False, "siblings": siblings}).encode()
+        info = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": repo.token is not None,
+                "gated": False, "siblings": siblings}
+        if hub.tamper:
+            hub.tamper(info)
+        payload = json.dumps(info).encode()
+        if isinstance(fault, tuple):  # a body cut short of its Content-Length
+            self._respond(200, {"Content-Type": "application/json"}, None, length=len(payload))
+            self.wfile.write(payload[:fault[1]])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         self._respond(200, {"Content-Type": "application/json"}, payload)
 
     def _resolve(self, repo_id: str, rev: str, name: str, body: bool) -> None:
@@ -211,6 +249,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._respond(status, headers, b"", length=len(chunk))
         hub.gets.append((name, rng))
         fault = hub.next_fault(name)
+        if isinstance(fault, int):
+            return self._error(fault, None, "injected")
         if fault == "corrupt":
             chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
         self._respond(status, headers, None, length=len(chunk))
@@ -242,3 +282,61 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if payload and self.command != "HEAD":
             self.wfile.write(payload)
+
+
+@dataclass
+class Silent:
+    endpoint: str
+    held: list = field(default_factory=list)  # the connections accepted so far, never answered
+    requests: list = field(default_factory=list)  # their request lines ("GET /api/models/... HTTP/1.1")
+
+    def asked(self, prefix: str) -> int:
+        """How many requests for a path starting with `prefix` came in."""
+        return sum(line.split(" ")[1].startswith(prefix) for line in list(self.requests) if line.count(" ") >= 2)
+
+
+@contextmanager
+def silent_endpoint() -> Iterator[Silent]:
+    """An address that accepts every connection, reads the request and never sends a byte: a Hub hung behind
+    its load balancer."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    silent = Silent(f"http://127.0.0.1:{listener.getsockname()[1]}")
+
+    def read_request_line(conn: socket.socket) -> None:
+        data = b""
+        try:
+            while b"\r\n" not in data and (chunk := conn.recv(4096)):
+                data += chunk
+        except OSError:
+            return
+        silent.requests.append(data.split(b"\r\n")[0].decode("latin-1"))
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            silent.held.append(conn)
+            threading.Thread(target=read_request_line, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield silent
+    finally:
+        try:
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        listener.close()
+        for conn in silent.held:
+            conn.close()
+
+
+def closed_endpoint() -> str:
+    """An address where nothing listens: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"

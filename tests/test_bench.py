@@ -7,8 +7,10 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,148 @@ def test_commit_names_the_checkout_and_says_when_it_was_changed(tmp_path):
     assert bench.git_commit(package) == git("rev-parse", "--short=12", "HEAD")
     (package / "bench.py").write_text("# changed\n")
     assert bench.git_commit(package) == git("rev-parse", "--short=12", "HEAD") + "-dirty"
+
+
+# ---- sizes: the context and memory are checked before anything big is allocated ----------------------
+
+SHORT_CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def short_model(tmp_path_factory):
+    """A tiny dense model whose context holds SHORT_CONTEXT positions."""
+    from tiny_models import write_checkpoint
+
+    path, _ = write_checkpoint(tmp_path_factory.mktemp("short") / "ckpt", "dense", max_position_embeddings=SHORT_CONTEXT)
+    return path
+
+
+def bench_bounded(*args, limit_bytes=4 * 1024**3, timeout=120):
+    """`ernie bench` under an address-space limit (so a run that grows cannot take the machine with
+    it) -> (exit code, stdout, stderr, the peak resident set of that process alone)."""
+    import resource
+    import threading
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
+    with subprocess.Popen([sys.executable, "-m", "ernie_cli", "bench", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL, env=ENV, preexec_fn=limit) as proc:
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        out, err = proc.stdout.read(), proc.stderr.read()  # a few lines each: no pipe fills
+        _, status, usage = os.wait4(proc.pid, 0)
+        timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, out.decode(), err.decode(), usage.ru_maxrss * 1024
+
+
+def test_more_tokens_than_the_context_holds_is_a_usage_error(short_model):
+    code, out, err, peak = bench_bounded("-m", str(short_model), "-p", "99999999", "-n", "0", "-r", "1")
+    assert code == 2, err
+    assert "-p 99999999" in err and f"{SHORT_CONTEXT}" in err and "Traceback" not in err
+    assert out == ""
+    assert peak < 1.5 * 1024**3  # the interpreter and torch: nothing sized by the request
+
+
+@pytest.mark.parametrize("args, named", [
+    (["-p", str(SHORT_CONTEXT + 1), "-n", "4"], "-p"),
+    (["-p", "8", "-n", str(SHORT_CONTEXT)], "-n"),  # a decode test puts one token in place first: N + 1 positions
+    (["-p", "8", "-n", "4", "-d", str(SHORT_CONTEXT)], "-d"),  # nothing fits after a full cache
+    (["-p", "8", "-n", "4", "--pg", f"{SHORT_CONTEXT - 10},11"], "--pg"),
+    (["-p", "200", "-n", "0", "-d", "100"], "no test fits"),  # each alone fits; every combination is past the context
+])
+def test_sizes_no_context_can_hold_exit_2(short_model, args, named):
+    proc = bench("-m", str(short_model), "-r", "1", *args)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and named in err and str(SHORT_CONTEXT) in err, err
+
+
+def test_tests_past_the_context_are_skipped_with_a_warning(short_model):
+    proc = bench("-m", str(short_model), "-p", f"8,{SHORT_CONTEXT}", "-n", "4", "-d", "0,100", "-r", "1", "-o", "json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    # By hand: positions = depth + max(P, 1) + N; pp256 fills the context exactly, pp256 @ d100 needs 356.
+    assert [r["test"] for r in json.loads(proc.stdout)] == ["pp8", f"pp{SHORT_CONTEXT}", "tg4", "pp8 @ d100", "tg4 @ d100"]
+    warnings = [l for l in proc.stderr.decode().splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and f"pp{SHORT_CONTEXT} @ d100" in warnings[0] and str(SHORT_CONTEXT) in warnings[0]
+
+
+def test_a_test_larger_than_memory_is_refused_before_loading(short_model, tmp_path):
+    """A context that allows it, a machine that cannot hold it: exit 1, saying what would fit."""
+    from tiny_models import edit_config
+
+    huge = tmp_path / "huge"
+    shutil.copytree(short_model, huge)
+    edit_config(huge, max_position_embeddings=2**40)
+    tokens = 10**12  # the KV cache alone, by hand: 2 (k, v) * 4 layers * 2 heads * 16 * 4 bytes = 1 KiB a token
+    code, out, err, peak = bench_bounded("-m", str(huge), "-p", str(tokens), "-n", "0", "-r", "1")
+    assert code == 1, err
+    assert f"pp{tokens}" in err and "Traceback" not in err and out == ""
+    fits = int(re.search(r"at most -p (\d+)", err).group(1))
+    free = _mem_available()
+    assert 0 < fits and fits * 1024 <= free  # the cache alone of what it offers fits in free memory
+    assert peak < 1.5 * 1024**3
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable")
+
+
+@pytest.mark.parametrize("args, named", [
+    (["-r", "0"], "-r"),
+    (["-r", "100000000"], "-r"),
+    (["-t", "0"], "-t"),
+    (["-t", "100000000"], "-t"),
+    (["-p", "-5"], "-p"),
+    (["-n", "1,x"], "-n"),
+    (["-d", "1.5"], "-d"),
+    (["--pg", "4,0"], "--pg"),
+    (["--layers", "0"], "--layers"),
+    (["--layers", "1000000000"], "--layers"),
+    (["--dtype", "int3"], "--dtype"),
+])
+def test_option_values_are_checked_before_loading(args, named):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "ernie_cli", "bench", "--config", str(FULL_CONFIG), *args], capture_output=True,
+                          env=ENV, timeout=120, stdin=subprocess.DEVNULL)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and named in err and "Traceback" not in err, err
+    assert time.monotonic() - start < 60  # refused, not run: a full-size random model would take minutes
+
+
+MEASURE_PREFILL = """
+import sys, torch
+from ernie_cli.bench import _peak, _reset_peak
+from ernie_cli.loader import activation_bytes, load_model
+model = load_model(sys.argv[1], "cpu", torch.float32)
+cpu = torch.device("cpu")
+for tokens, depth in ((4000, 0), (2048, 1024)):
+    cache = model.new_cache(1, tokens + depth)
+    ids = torch.randint(3, model.config.vocab_size, (1, tokens + depth))
+    with torch.inference_mode():
+        if depth:
+            model(ids[:, :depth], 0, cache, last=-1)
+        base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+        _reset_peak(cpu)
+        model(ids[:, depth:], depth, cache, last=-1)
+        print(tokens, depth, _peak(cpu) - base, activation_bytes(model.config, tokens, tokens + depth, torch.float32))
+"""
+
+
+@pytest.mark.parametrize("shape", ["moe", "dense"])
+def test_activation_estimate_covers_a_measured_prefill(checkpoints, shape):
+    """The estimate against the peak resident set a prefill really adds (/proc/self/status). With
+    a fixed mmap threshold every large block is fresh memory, so the peak is not hidden by blocks
+    an earlier forward freed."""
+    path, _ = checkpoints(shape)
+    env = dict(ENV, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", MEASURE_PREFILL, str(path)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for line in proc.stdout.splitlines():
+        tokens, depth, used, estimate = map(int, line.split())
+        assert used > 1_000_000, line  # the measurement saw the forward at all
+        assert estimate >= used, line

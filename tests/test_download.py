@@ -129,10 +129,10 @@ def cli(env, capsys):
     return run
 
 
-def run_ernie(env: Env, *args: str, extra: dict | None = None, **kw) -> subprocess.CompletedProcess:
+def run_ernie(env: Env, *args: str, extra: dict | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ernie_cli", *args], cwd=ROOT, env=dict(os.environ, **(extra or {})),
-        capture_output=True, text=True, timeout=120, **kw,
+        capture_output=True, text=True, timeout=timeout, **kw,
     )
 
 

@@ -25,9 +25,14 @@ def run(argv, capsys):
     return exc.value.code, out, err
 
 
+# The tiny checkpoints ship no tokenizer (the evaluation then reads UTF-8 bytes); tests/test_faults_quantize.py
+# covers the refusal without this flag.
+NO_TOKENIZER = "--allow-no-tokenizer"
+
+
 @pytest.fixture
 def src(checkpoints, tmp_path):
-    """A private copy of the tiny MoE checkpoint, with the side files a release has."""
+    """A private copy of the tiny MoE checkpoint, with the side files a release has but a tokenizer."""
     path, _ = checkpoints("moe")
     dst = tmp_path / "src"
     shutil.copytree(path, dst)
@@ -38,7 +43,7 @@ def src(checkpoints, tmp_path):
 
 def test_quantize_end_to_end(src, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, _ = run(["quantize", str(src), str(out), "--format", "int4", "--group-size", "32"], capsys)
+    code, stdout, _ = run(["quantize", str(src), str(out), "--format", "int4", "--group-size", "32", NO_TOKENIZER], capsys)
     assert code == 0
     assert stdout.splitlines()[-1] == str(out)  # the product: the path, last
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "generation_config.json", "tokenizer_config.json", "LICENSE"}
@@ -51,12 +56,12 @@ def test_quantize_end_to_end(src, tmp_path, capsys):
 
 def test_existing_output_needs_force(src, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
+    shutil.copytree(src, out)  # an ERNIE checkpoint: --force may replace it
     (out / "keep.txt").write_text("mine")
-    code, _, err = run(["quantize", str(src), str(out), "--format", "int8"], capsys)
+    code, _, err = run(["quantize", str(src), str(out), "--format", "int8", NO_TOKENIZER], capsys)
     assert code == 1 and "already exists: pass --force" in err
     assert (out / "keep.txt").read_text() == "mine"
-    code, stdout, _ = run(["quantize", str(src), str(out), "--format", "int8", "--force"], capsys)
+    code, stdout, _ = run(["quantize", str(src), str(out), "--format", "int8", "--force", NO_TOKENIZER], capsys)
     assert code == 0 and stdout.strip() == str(out)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
@@ -88,17 +93,17 @@ def _rewrite(path, name, value):
 def test_non_float_sources_are_refused(src, tmp_path, capsys, dtype):
     name = "model.layers.0.self_attn.q_proj.weight"
     _rewrite(src / "model.safetensors", name, torch.zeros(64, 64, dtype=dtype))
-    code, _, err = run(["quantize", str(src), str(tmp_path / "out"), "--format", "int4"], capsys)
+    code, _, err = run(["quantize", str(src), str(tmp_path / "out"), "--format", "int4", NO_TOKENIZER], capsys)
     assert code == 1 and f"tensor {name} is {str(dtype).removeprefix('torch.')}; `ernie quantize` needs a bf16, fp16 or fp32 ERNIE checkpoint" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_other_refused_sources(src, tmp_path, capsys):
     out = tmp_path / "q"
-    assert run(["quantize", str(src), str(out), "--format", "int8"], capsys)[0] == 0
+    assert run(["quantize", str(src), str(out), "--format", "int8", NO_TOKENIZER], capsys)[0] == 0
     code, _, err = run(["quantize", str(out), str(tmp_path / "qq"), "--format", "int4"], capsys)
     assert code == 1 and "is already quantized" in err
-    code, _, err = run(["quantize", str(src), str(src / "inside"), "--format", "int4"], capsys)
+    code, _, err = run(["quantize", str(src), str(src / "inside"), "--format", "int4", NO_TOKENIZER], capsys)
     assert code == 1 and "overlaps SOURCE" in err
     cfg = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(dict(cfg, architectures=["LlamaForCausalLM"], model_type="llama")))
@@ -123,7 +128,7 @@ def test_interrupted_run_leaves_nothing_under_output(src, tmp_path, capsys, monk
 
     monkeypatch.setattr(formats, "quantize", interrupt)
     out = tmp_path / "out"
-    code, stdout, _ = run(["quantize", str(src), str(out), "--format", "int4"], capsys)
+    code, stdout, _ = run(["quantize", str(src), str(out), "--format", "int4", NO_TOKENIZER], capsys)
     assert code == 130 and stdout == ""
     assert not out.exists() and list(tmp_path.iterdir()) == [src]
 
@@ -142,14 +147,14 @@ def test_killed_run_never_looks_complete_and_is_cleaned_up(src, tmp_path):
         "    return real(*a, **k)\n"
         "formats.quantize = die\n"
         "from ernie_cli.cli import main\n"
-        f"main(['quantize', {str(src)!r}, {str(out)!r}, '--format', 'int4'])\n"
+        f"main(['quantize', {str(src)!r}, {str(out)!r}, '--format', 'int4', {NO_TOKENIZER!r}])\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=120)
     assert proc.returncode == -9
     assert not out.exists()
     left = list(tmp_path.glob(".out.incomplete-*"))
     assert len(left) == 1 and not (left[0] / "config.json").exists()  # config.json is written last
-    proc = subprocess.run([sys.executable, "-m", "ernie_cli", "quantize", str(src), str(out), "--format", "int4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "ernie_cli", "quantize", str(src), str(out), "--format", "int4", NO_TOKENIZER], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == str(out)
     assert not list(tmp_path.glob(".out.*"))
@@ -157,7 +162,7 @@ def test_killed_run_never_looks_complete_and_is_cleaned_up(src, tmp_path):
 
 def test_eval_report(src, tmp_path, capsys):
     out = tmp_path / "out"
-    code, stdout, _ = run(["quantize", str(src), str(out), "--format", "int8", "--eval", "--eval-tokens", "600"], capsys)
+    code, stdout, _ = run(["quantize", str(src), str(out), "--format", "int8", "--eval", "--eval-tokens", "600", NO_TOKENIZER], capsys)
     assert code == 0 and stdout.splitlines()[-1] == str(out)
     assert "KL divergence" in stdout and "same top-1" in stdout
     report = json.loads((out / "quantization_report.json").read_text())

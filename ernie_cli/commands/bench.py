@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -12,6 +13,9 @@ import typer
 
 from ernie_cli.console import info, stderr_is_tty, write_stdout
 from ernie_cli.errors import UsageError
+
+
+MAX_REPETITIONS = 10_000  # more only narrows a std that five runs already show
 
 
 def _int_list(value: str, option: str) -> list[int]:
@@ -60,32 +64,38 @@ def bench(
         raise UsageError("pass exactly one of -m MODEL or --config CONFIG.json.")
     if output not in ("md", "json", "csv"):
         raise UsageError(f"-o {output!r} is not one of md, json, csv.")
-    if repetitions < 1:
-        raise UsageError("-r must be at least 1.")
+    if not 1 <= repetitions <= MAX_REPETITIONS:
+        raise UsageError(f"-r takes 1 to {MAX_REPETITIONS:,} timed runs, got {repetitions}.")
     if layers is not None and (config is None or layers < 1):
         raise UsageError("--layers needs --config and a positive number.")
-    if threads is not None and threads < 1:
-        raise UsageError("-t must be at least 1.")
+    most_threads = 4 * (os.cpu_count() or 1)  # past that, threads only wait for cores
+    if threads is not None and not 1 <= threads <= most_threads:
+        raise UsageError(f"-t takes 1 to {most_threads} threads (4x this machine's {os.cpu_count() or 1} CPUs), got {threads}.")
     if quantize not in (None, "int8", "int4"):
         raise UsageError(f"--quantize {quantize!r} is not one of int8, int4.")
     if compile not in ("auto", "on", "off"):
         raise UsageError(f"--compile {compile!r} is not one of auto, on, off.")
-    tests_wanted = (_int_list(prompt, "-p"), _int_list(generate, "-n"), _pairs(pg or []), _int_list(depth, "-d") or [0])
+    if dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"):
+        raise UsageError(f"--dtype {dtype!r} is not one of auto, bfloat16, float16, float32.")
+    prompts, generates, pairs, depths = _int_list(prompt, "-p"), _int_list(generate, "-n"), _pairs(pg or []), _int_list(depth, "-d") or [0]
 
     import torch
 
     from ernie_cli import bench as runtime
     from ernie_cli.generate import Decoder, use_compile
-    from ernie_cli.loader import prepare_for_decoding
-    from ernie_cli.loader import resolve_device
+    from ernie_cli.loader import prepare_for_decoding, resolve_device, resolve_dtype
 
+    if not runtime.build_tests(prompts, generates, pairs, depths):
+        raise UsageError("no tests to run: give a positive -p, -n or --pg.")
+    cfg, model_dir = _config(model, config, layers, offline)
+    tests = runtime.plan_tests(prompts, generates, pairs, depths, cfg.max_position_embeddings)
+    dev = resolve_device(device)
+    # Before the weights: a test that cannot fit even alone is refused at once, not after a long load.
+    runtime.check_memory(cfg, tests, resolve_dtype(dtype, cfg, dev), dev)
     if threads:
         torch.set_num_threads(threads)
-    tests = runtime.build_tests(*tests_wanted)
-    if not tests:
-        raise UsageError("no tests to run: give a positive -p, -n or --pg.")
-    dev = resolve_device(device)
-    model_obj, name, size, quant = _load(model, config, layers, dev, dtype, quantize, offline)
+    model_obj, name, size, quant = _load(model, model_dir, config, cfg, dev, dtype, quantize)
+    runtime.check_memory(cfg, tests, model_obj.dtype, dev)  # and beside the weights, before any test runs
     context = runtime.run_context(model_obj, name, size, quant)
     compiled = use_compile(compile, dev)
     decoder = Decoder(prepare_for_decoding(model_obj, compiled), compiled)
@@ -100,20 +110,33 @@ def bench(
     write_stdout(FORMATS[output](rows, context))
 
 
-def _load(model, config, layers, device, dtype, quantize, offline):
+def _config(model, config, layers, offline):
+    """(the config to measure, the model directory or None for --config), read without any weights."""
+    from ernie_cli.config import load_config, parse_config
+
+    if config is None:
+        from ernie_cli.hub import resolve_model
+
+        model_dir = resolve_model(model, offline=True if offline else None)
+        return load_config(model_dir), model_dir
+    try:
+        raw = json.loads(Path(config).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"cannot read --config {config}: {exc}.") from None
+    cfg = parse_config(raw)
+    if layers:
+        if layers > cfg.num_hidden_layers:
+            raise UsageError(f"--layers takes 1 to {cfg.num_hidden_layers} (the layers of {Path(config).name}), got {layers}.")
+        cfg = cfg.replace(num_hidden_layers=layers, moe_layer_end_index=min(cfg.moe_layer_end_index, layers - 1))
+    return cfg, None
+
+
+def _load(model, model_dir, config, cfg, device, dtype, quantize):
     import torch
 
-    from ernie_cli.config import load_config, parse_config
-    from ernie_cli.loader import check_fits, random_model, resolve_dtype
+    from ernie_cli.loader import check_fits, load_model, random_model, resolve_dtype
 
-    if config is not None:
-        try:
-            raw = json.loads(Path(config).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise UsageError(f"cannot read --config {config}: {exc}.") from None
-        cfg = parse_config(raw)
-        if layers:
-            cfg = cfg.replace(num_hidden_layers=layers, moe_layer_end_index=min(cfg.moe_layer_end_index, layers - 1))
+    if model_dir is None:
         torch_dtype = resolve_dtype(dtype, cfg, device)
         size = torch.empty((), dtype=torch_dtype).element_size()
         check_fits(cfg.parameter_counts()["total"] * size, device, f"{Path(config).name} with random weights")
@@ -124,14 +147,9 @@ def _load(model, config, layers, device, dtype, quantize, offline):
             return quantize_model(random_model(cfg, device, torch_dtype), quantize), name, None, quantize
         return random_model(cfg, device, torch_dtype), name, None, None
 
-    from ernie_cli.hub import resolve_model
-    from ernie_cli.loader import load_model
-
-    model_dir = resolve_model(model, offline=True if offline else None)
     kwargs = {"quantize": quantize} if quantize else {}
     loaded = load_model(model_dir, device, dtype, **kwargs)
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    cfg = load_config(model_dir)
     quant = quantize or (cfg.quantization or {}).get("format")
     return loaded, model, size, quant
 

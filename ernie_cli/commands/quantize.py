@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ernie_cli.console import byte_progress, info, write_stdout
+from ernie_cli.console import byte_progress, info, warn, write_stdout
 from ernie_cli.errors import UsageError
 
 
@@ -17,7 +17,8 @@ def quantize(
     format: Annotated[str, typer.Option("--format", help="int8 (per-channel) or int4 (group-wise, ~1/4 of bf16).", show_default=False)] = "",
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="int4 weights per scale and zero: 32, 64 or 128 (default 64).", show_default=False)] = None,
     keep_embeddings: Annotated[bool, typer.Option("--keep-embeddings", help="Keep the embedding/lm_head in bf16 instead of int8.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it exists (only once the new copy is complete).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUTPUT if it is an ERNIE checkpoint or an earlier output (only once the new copy is complete).")] = False,
+    allow_no_tokenizer: Annotated[bool, typer.Option("--allow-no-tokenizer", help="Quantize a SOURCE that has no tokenizer files (the copy then needs them added before `ernie complete`).")] = False,
     evaluate: Annotated[bool, typer.Option("--eval", help="Then compare it with SOURCE on the held-out text (KL, top-1, perplexity).")] = False,
     eval_only: Annotated[bool, typer.Option("--eval-only", help="Quantize nothing: compare the existing model OUTPUT with SOURCE.")] = False,
     eval_tokens: Annotated[Optional[int], typer.Option("--eval-tokens", help="Score only the first N held-out tokens.  [default: all, ~4600]", show_default=False)] = None,
@@ -45,39 +46,56 @@ def quantize(
             raise UsageError("--group-size applies to --format int4 only (int8 has one scale per output channel).")
     if eval_tokens is not None and eval_tokens < 16:
         raise UsageError("--eval-tokens must be at least 16.")
+    spec = None if eval_only else QuantSpec.make(format, group_size, keep_embeddings)
+    if eval_only and not (output / "config.json").is_file():
+        raise UsageError(f"--eval-only needs an existing model directory as OUTPUT; {output} has no config.json.")
+    if evaluate or eval_only:
+        from ernie_cli.loader import resolve_device
+
+        resolve_device(device)  # a wrong --device must not surface only after the quantization
 
     from ernie_cli.hub import resolve_model
+    from ernie_cli.quant.convert import check_output, output_lock
 
-    source_dir = resolve_model(source, offline=True if offline else None, quiet=quiet)
-
-    if not eval_only:
-        from ernie_cli.quant.convert import quantize_checkpoint
-
-        spec = QuantSpec.make(format, group_size, keep_embeddings)
-        update, stop = byte_progress("quantizing", quiet)
-        try:
-            summary = quantize_checkpoint(source_dir, output, spec, force=force, progress=update)
-        finally:
-            stop()
-        if not quiet:
-            gb = 1e9
-            info(
-                f"quantized {summary['source_bytes'] / gb:.2f} GB into {summary['output_bytes'] / gb:.2f} GB "
-                f"({summary['shards']} shard{'s' if summary['shards'] > 1 else ''}) in {summary['seconds']:.1f} s, "
-                f"{summary['source_mb_per_s']:.0f} MB/s"
-            )
-    elif not (output / "config.json").is_file():
-        raise UsageError(f"--eval-only needs an existing model directory as OUTPUT; {output} has no config.json.")
-
-    if evaluate or eval_only:
-        from ernie_cli.quant.evaluate import evaluate_dirs, format_report, write_report
-
-        if not quiet:
-            info("evaluating on the held-out text (the source model runs first, then the quantized one)...")
-        report = evaluate_dirs(source_dir, output, device=device, max_tokens=eval_tokens)
-        path = write_report(report, output)
-        write_stdout(format_report(report) + "\n")
+    # Held until the report is written too, so no other run replaces OUTPUT under the evaluation.
+    with output_lock(output, required=not eval_only):
         if eval_only:
-            write_stdout(f"{path}\n")
-            return
+            from ernie_cli.quant.evaluate import check_report_writable
+
+            check_report_writable(output)
+        else:
+            check_output(output, force)
+        source_dir = resolve_model(source, offline=True if offline else None, quiet=quiet)
+        if not eval_only:
+            _quantize(source_dir, output, spec, force, allow_no_tokenizer, quiet)
+        if evaluate or eval_only:
+            from ernie_cli.quant.evaluate import evaluate_dirs, format_report, write_report
+
+            if not quiet:
+                info("evaluating on the held-out text (the source model runs first, then the quantized one)...")
+            report = evaluate_dirs(source_dir, output, device=device, max_tokens=eval_tokens)
+            write_stdout(format_report(report) + "\n")  # first, so that a failed write loses nothing
+            path = write_report(report, output)
+            if eval_only:
+                write_stdout(f"{path}\n")
+                return
     write_stdout(f"{output}\n")
+
+
+def _quantize(source_dir: Path, output: Path, spec, force: bool, allow_no_tokenizer: bool, quiet: bool) -> None:
+    from ernie_cli.quant.convert import quantize_checkpoint
+
+    update, stop = byte_progress("quantizing", quiet)
+    try:
+        summary = quantize_checkpoint(source_dir, output, spec, force=force, progress=update, require_tokenizer=not allow_no_tokenizer)
+    finally:
+        stop()
+    if not summary["tokenizer"]:
+        warn(f"{source_dir} has no tokenizer files, so {output} has none either: copy them into it before `ernie complete -m {output}`.")
+    if not quiet:
+        gb = 1e9
+        info(
+            f"quantized {summary['source_bytes'] / gb:.2f} GB into {summary['output_bytes'] / gb:.2f} GB "
+            f"({summary['shards']} shard{'s' if summary['shards'] > 1 else ''}) in {summary['seconds']:.1f} s, "
+            f"{summary['source_mb_per_s']:.0f} MB/s"
+        )

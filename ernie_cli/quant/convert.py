@@ -7,29 +7,34 @@ output shard. The largest thing ever held is one quantized stacked-expert tensor
 (0.25 GB in int4, 0.5 GB in int8 for the 21B model) plus the float32 copy of one expert.
 
 The output is written into a hidden sibling directory and renamed at the very end, so an
-interrupted run never leaves anything under OUTPUT's name.
+interrupted run never leaves anything under OUTPUT's name. A lock file beside OUTPUT keeps a second
+run from writing the same OUTPUT at the same time.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import glob
 import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from ernie_cli.checkpoint import Checkpoint, TensorReader
 from ernie_cli.config import load_config
-from ernie_cli.errors import ErnieError
+from ernie_cli.errors import ErnieError, os_reason
 from ernie_cli.layout import Param, plan
 from ernie_cli.quant import formats
 from ernie_cli.quant.io import OutTensor, ShardWriter
-from ernie_cli.quant.spec import QuantSpec
-from ernie_cli.files import TOKENIZER_FILES
+from ernie_cli.quant.spec import QUANT_METHOD, QuantSpec
+from ernie_cli.files import CONFIG, SPM_COMPANIONS, SPM_MODEL, TOKENIZER_FILES, TOKENIZER_JSON
 
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -65,6 +70,20 @@ def _piece_rows(param: Param, piece, unit: int | None) -> tuple[tuple, int, int]
     return index, s.start, s.stop
 
 
+def _read_finite(reader: TensorReader, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A source tensor (or rows of it), refused if it holds NaN or Inf: those would quantize into
+    scales of NaN and a model that silently answers garbage."""
+    value = reader.read(name, rows=rows)
+    # A NaN or Inf anywhere makes the sum non-finite; summing is ~50x cheaper than isfinite().all()
+    # on the CPU. A sum that overflows on finite weights is told apart by the exact test.
+    if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
+        raise ErnieError(
+            f"tensor {name} in {reader.tensors[name].file.name} holds NaN or Inf values, so it cannot be quantized: "
+            "the checkpoint is damaged or was saved from a diverged run; download or export it again."
+        )
+    return value
+
+
 def read_block(param: Param, reader: TensorReader, unit: int | None, begin: int, end: int, dtype: torch.dtype) -> torch.Tensor:
     """Rows [begin, end) of a 2-D parameter (or of expert `unit` of a stacked one), assembled from its pieces."""
     cols = param.shape[-1]
@@ -72,7 +91,7 @@ def read_block(param: Param, reader: TensorReader, unit: int | None, begin: int,
     for piece in param.pieces:
         if unit is not None and piece.index == ():  # the stacked tensor is one file tensor: read this expert's rows
             first = unit * param.shape[-2]
-            out.copy_(reader.read(piece.source, rows=(first + begin, first + end)))
+            out.copy_(_read_finite(reader, piece.source, rows=(first + begin, first + end)))
             continue
         where = _piece_rows(param, piece, unit)
         if where is None:
@@ -80,7 +99,7 @@ def read_block(param: Param, reader: TensorReader, unit: int | None, begin: int,
         _, r0, r1 = where
         lo, hi = max(begin, r0), min(end, r1)
         if lo < hi:
-            out[lo - begin : hi - begin].copy_(reader.read(piece.source, rows=(lo - r0, hi - r0)))
+            out[lo - begin : hi - begin].copy_(_read_finite(reader, piece.source, rows=(lo - r0, hi - r0)))
     return out
 
 
@@ -89,7 +108,7 @@ def read_whole(param: Param, reader: TensorReader, dtype: torch.dtype | None = N
     dtype = dtype or reader.tensors[param.pieces[0].source].dtype
     out = torch.empty(param.shape, dtype=dtype)
     for piece in param.pieces:
-        out[piece.index].copy_(reader.read(piece.source).reshape(out[piece.index].shape))
+        out[piece.index].copy_(_read_finite(reader, piece.source).reshape(out[piece.index].shape))
     return out
 
 
@@ -144,10 +163,24 @@ def quantize_param(
             (out[key][unit] if stacked else out[key])[begin:end] = value
         return (end - begin) * cols
 
-    results = worker_pool().map(work, blocks) if device.type == "cpu" and len(blocks) > 1 else map(work, blocks)
-    for n in results:
-        if on_block:
-            on_block(n)
+    if device.type != "cpu" or len(blocks) == 1:
+        for block in blocks:
+            n = work(block)
+            if on_block:
+                on_block(n)
+        return out
+    futures = [worker_pool().submit(work, block) for block in blocks]
+    try:
+        for future in futures:
+            n = future.result()
+            if on_block:
+                on_block(n)
+    except BaseException:
+        # Blocks still running read from `reader`, which the caller closes on the way out.
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise
     return out
 
 
@@ -185,35 +218,152 @@ def output_plan(params: list[Param], ckpt: Checkpoint, spec: QuantSpec) -> list[
 # ---- the output directory ---------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
+_HELD_LOCKS: dict[str, int] = {}  # lock file -> nesting depth in this process
+
+
+def _lock_holder(fd: int) -> str:
+    """The pid written in a lock file by its holder (which writes it just after locking)."""
+    for _ in range(50):
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        if text:
+            return text
+        time.sleep(0.02)
+    return "unknown"
+
+
+@contextmanager
+def output_lock(output: Path | str, required: bool = True) -> Iterator[None]:
+    """Hold OUTPUT for this process until the block ends: a second `ernie quantize` into the same
+    OUTPUT is refused, naming this one, instead of both writing and one silently losing.
+
+    The lock is flock() on `.OUTPUT.lock` beside OUTPUT, so the kernel releases it when the holder
+    dies however it dies. The file is removed on the way out; whoever locks a file that was removed
+    meanwhile sees another inode under the name and locks again. Nested calls in one process share
+    the outer lock. Parent directories made for the lock are removed again if the run left them empty.
+    Without `required`, an OUTPUT whose parent cannot hold the lock file runs unlocked (no other
+    run could rename OUTPUT there either).
+    """
+    output = Path(output)
+    path = output.parent / f".{output.name}.lock"
+    key = os.path.abspath(path)
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key] -= 1
+        return
+    made = [p for p in [output.parent, *output.parent.parents] if not p.exists()]
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ErnieError(f"cannot create {output.parent} for OUTPUT ({os_reason(exc)}): choose another OUTPUT.") from None
+    try:
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                if not required and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    yield
+                    return
+                raise ErnieError(
+                    f"cannot create the lock file {path} ({os_reason(exc)}): OUTPUT must be in a writable directory; choose another OUTPUT."
+                ) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                raise ErnieError(
+                    f"another `ernie quantize` (pid {holder}) is using {output}: wait for it to finish, or choose another OUTPUT."
+                ) from None
+            try:
+                on_disk = os.stat(path)
+                mine = os.fstat(fd)
+                if (on_disk.st_dev, on_disk.st_ino) == (mine.st_dev, mine.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        _HELD_LOCKS[key] = 0
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            del _HELD_LOCKS[key]
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            os.close(fd)
+    finally:
+        for directory in made:  # innermost first
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
 
 def _remove_stale_partials(output: Path) -> None:
-    """Leftovers of killed runs for the same OUTPUT (their process is gone) are deleted."""
-    for path in output.parent.glob(f".{output.name}.incomplete-*"):
-        try:
-            pid = int(path.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
+    """Leftovers of killed runs for the same OUTPUT: an unfinished new copy, or an old copy that was
+    moved aside just before the new one went in. Called under the output lock, so no live run owns them."""
+    for kind in ("incomplete", "replaced"):
+        for path in output.parent.glob(f".{glob.escape(output.name)}.{kind}-*"):
+            if path.name.rsplit("-", 1)[1] != str(os.getpid()):
+                shutil.rmtree(path, ignore_errors=True)
 
 
-def check_output(source: Path, output: Path, force: bool) -> None:
-    src, out = source.resolve(), output.resolve()
-    if out == src or src.is_relative_to(out) or out.is_relative_to(src):
-        raise ErnieError(f"OUTPUT {output} overlaps SOURCE {source}: choose an OUTPUT directory outside the source model.")
-    if output.exists() and not force:
-        raise ErnieError(f"{output} already exists: pass --force to replace it, or choose another OUTPUT.")
-    if output.exists() and not output.is_dir():
+def has_tokenizer(model_dir: Path) -> bool:
+    """Whether `model_dir` holds the files one of the tokenizer's loading routes needs."""
+    if (model_dir / TOKENIZER_JSON).is_file():
+        return True
+    return (model_dir / SPM_MODEL).is_file() and all((model_dir / name).is_file() for name in SPM_COMPANIONS)
+
+
+def is_replaceable_model(directory: Path) -> bool:
+    """Whether --force may delete `directory`: empty, an earlier `ernie quantize` output, or an ERNIE
+    4.5 checkpoint. Anything else may hold the user's own files."""
+    try:
+        if not any(directory.iterdir()):
+            return True
+        raw = json.loads((directory / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(raw, dict):
+        return False
+    quant = raw.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == QUANT_METHOD:
+        return True
+    try:
+        load_config(directory)
+    except ErnieError:
+        return False
+    return any(directory.glob("*.safetensors"))
+
+
+def check_output(output: Path, force: bool, source: Path | None = None) -> None:
+    """Refuse an OUTPUT that this run must not write or replace, before any work is done."""
+    if source is not None:
+        src, out = source.resolve(), output.resolve()
+        if out == src or src.is_relative_to(out) or out.is_relative_to(src):
+            raise ErnieError(f"OUTPUT {output} overlaps SOURCE {source}: choose an OUTPUT directory outside the source model.")
+    if not (output.exists() or output.is_symlink()):
+        return
+    if not output.is_dir():
         raise ErnieError(f"{output} exists and is not a directory: choose another OUTPUT.")
+    if not is_replaceable_model(output):
+        raise ErnieError(
+            f"{output} already exists and is neither an ERNIE 4.5 checkpoint nor an earlier `ernie quantize` output, "
+            "so not even --force replaces it: choose another OUTPUT, or move its files away yourself."
+        )
+    if not force:
+        raise ErnieError(f"{output} already exists: pass --force to replace it, or choose another OUTPUT.")
+    if os.path.ismount(output):
+        raise ErnieError(
+            f"{output} is a mount point, which cannot be replaced by renaming: "
+            f"choose a new directory inside it as OUTPUT, e.g. {output / 'model'}."
+        )
 
 
 def _check_space(directory: Path, need: int) -> None:
@@ -239,13 +389,29 @@ def _copy_side_files(source: Path, tmp: Path) -> list[str]:
     return copied
 
 
+_RENAME_REFUSED = (errno.EBUSY, errno.EXDEV, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR)
+
+
 def _install(tmp: Path, output: Path) -> None:
     """Rename the finished temporary directory to OUTPUT (replacing an old one only now)."""
     old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.replaced-{os.getpid()}"
-        os.rename(output, old)
-    os.rename(tmp, output)
+    try:
+        if output.exists():
+            old = output.parent / f".{output.name}.replaced-{os.getpid()}"
+            os.rename(output, old)
+        try:
+            os.rename(tmp, output)
+        except OSError:
+            if old is not None:
+                os.rename(old, output)  # the old copy goes back where it was
+            raise
+    except OSError as exc:
+        if exc.errno not in _RENAME_REFUSED:
+            raise
+        raise ErnieError(
+            f"could not rename the finished model to {output} ({os_reason(exc)}), as happens when OUTPUT is a mount point "
+            f"or its directory is not writable: choose a new directory as OUTPUT, e.g. {output / 'model'}."
+        ) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -257,18 +423,51 @@ def quantize_checkpoint(
     force: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: Progress | None = None,
+    require_tokenizer: bool = False,
 ) -> dict:
-    """Quantize SOURCE into OUTPUT; returns a summary (sizes, seconds, throughput)."""
+    """Quantize SOURCE into OUTPUT; returns a summary (sizes, seconds, throughput, whether a tokenizer came along)."""
     source, output = Path(source), Path(output)
     t0 = time.perf_counter()
     cfg, ckpt, params = check_source(source)
-    check_output(source, output, force)
+    tokenizer = has_tokenizer(source)
+    if require_tokenizer and not tokenizer:
+        raise ErnieError(
+            f"{source} has no tokenizer files ({TOKENIZER_JSON}, or {SPM_MODEL} with {', '.join(SPM_COMPANIONS)}), "
+            "so `ernie complete` could not use the quantized copy: add them to SOURCE, or pass --allow-no-tokenizer to quantize the weights alone."
+        )
     outs = output_plan(params, ckpt, spec)
     out_bytes = sum(t.nbytes for t in outs)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    _check_space(output.parent, out_bytes + (64 << 20))
-    _remove_stale_partials(output)
+    with output_lock(output):
+        check_output(output, force, source)
+        _check_space(output.parent, out_bytes + (64 << 20))
+        _remove_stale_partials(output)
+        try:
+            total, shards, copied = _write_output(source, output, spec, ckpt, params, outs, shard_bytes, progress)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise ErnieError(
+                f"the disk holding {output.parent} ran out of space while the quantized model was written "
+                f"(it needs about {out_bytes / 1e9:.2f} GB): free some space or choose another OUTPUT."
+            ) from None
+    seconds = time.perf_counter() - t0
+    return {
+        "source": str(source),
+        "output": str(output),
+        "source_bytes": total,
+        "output_bytes": out_bytes,
+        "shards": shards,
+        "seconds": seconds,
+        "source_mb_per_s": total / 1e6 / seconds if seconds else 0.0,
+        "copied_files": copied,
+        "tokenizer": tokenizer,
+        "config": cfg,
+    }
 
+
+def _write_output(source, output, spec, ckpt, params, outs, shard_bytes, progress) -> tuple[int, int, list[str]]:
+    """Write the quantized copy into a hidden temporary directory and rename it to OUTPUT; nothing
+    of it is left behind on any error."""
     tmp = output.parent / f".{output.name}.incomplete-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -308,15 +507,4 @@ def quantize_checkpoint(
         raise
     finally:
         reader.close()
-    seconds = time.perf_counter() - t0
-    return {
-        "source": str(source),
-        "output": str(output),
-        "source_bytes": total,
-        "output_bytes": out_bytes,
-        "shards": len(writer.shards),
-        "seconds": seconds,
-        "source_mb_per_s": total / 1e6 / seconds if seconds else 0.0,
-        "copied_files": copied,
-        "config": cfg,
-    }
+    return total, len(writer.shards), copied

@@ -14,9 +14,11 @@ The source runs first and its log-probabilities are kept (float32, tokens x voca
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -159,7 +161,41 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, directory: Path) -> Path:
+def _report_error(path: Path, exc: OSError, after: bool) -> "ErnieError":
+    from ernie_cli.errors import ErnieError, os_reason
+
+    fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"make {path.parent} writable"
+    if after:
+        return ErnieError(f"could not save {path} ({os_reason(exc)}); the report is on stdout above: {fix} and run --eval-only again to save it.")
+    return ErnieError(f"cannot write {path} ({os_reason(exc)}), so the evaluation would be lost: {fix}, or copy the model somewhere writable first.")
+
+
+def check_report_writable(directory: Path) -> Path:
+    """Make and remove a file beside the report-to-be, so that an evaluation that takes minutes to
+    hours does not end with nowhere to save its result."""
     path = Path(directory) / REPORT_FILE
-    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    probe = path.with_name(f".{REPORT_FILE}.probe-{os.getpid()}")
+    try:
+        with open(probe, "w", encoding="utf-8"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise _report_error(path, exc, after=False) from None
+    return path
+
+
+def write_report(report: dict, directory: Path) -> Path:
+    """Write the report under a temporary name, then rename it: a full disk leaves no half of it."""
+    path = Path(directory) / REPORT_FILE
+    tmp = path.with_name(f".{REPORT_FILE}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise _report_error(path, exc, after=True) from None
     return path

@@ -1,8 +1,9 @@
 """The AVX-512 VNNI int4/int8 matrix-vector kernels of int_kernels.c, compiled on first use.
 
-The C file is built with the system's C compiler for this very CPU (-march=native) into
-~/.cache/ernie/kernels, under a name that hashes the source, the flags and the CPU model, written
-under a temporary name and renamed. Python reaches it through ctypes: the kernels take raw
+The C file is built with the system's C compiler for this very CPU (-march=native) into the
+kernels folder of ernie's cache (ernie_cli.cachedir: $XDG_CACHE_HOME/ernie or ~/.cache/ernie), under
+a name that hashes the source, the flags and the CPU model, written under a temporary name and
+renamed. Python reaches it through ctypes: the kernels take raw
 pointers, so no torch headers are needed and the build takes about a second.
 
 Where the CPU lacks AVX-512 VNNI, no compiler is found, or the build fails, `kernels()` returns
@@ -24,8 +25,10 @@ from typing import Optional
 
 import torch
 
+from ernie_cli.cachedir import cache_dir
+
 SOURCE = Path(__file__).with_name("int_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"] + os.environ.get("ERNIE_KFLAGS", "").split()
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 # From this many tokens a product expands the weight to floats and calls torch's matmul instead
 # (Kernels.dequantize): the measured crossover on the 2-core Xeon with AMX (benchmarks/cpu_prefill_kernels.py).
@@ -50,7 +53,7 @@ def _cpu_flags() -> tuple[set[str], str]:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("ERNIE_KERNEL_CACHE", Path.home() / ".cache" / "ernie" / "kernels"))
+    return cache_dir("kernels")
 
 
 def _build(compiler: str, target: Path) -> None:
