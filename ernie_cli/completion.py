@@ -16,10 +16,11 @@ from typing import Callable
 
 from ernie_cli.config import ErnieConfig, load_config
 from ernie_cli.detokenize import StreamingDetokenizer
-from ernie_cli.errors import ErnieError
+from ernie_cli.errors import check_interrupt
 from ernie_cli.generate import Decoder, Timings, generate, use_compile
 from ernie_cli.loader import kv_cache_bytes, load_model, prepare_for_decoding, resolve_device, resolve_dtype
 from ernie_cli.model import ErnieForCausalLM
+from ernie_cli.prompt import context_of, encode
 from ernie_cli.sampling import Sampler, SamplingParams
 from ernie_cli.tokenizer import ErnieTokenizer, load_tokenizer
 
@@ -64,9 +65,10 @@ def load_runtime(
     quantize: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     compile: str = "auto",
+    tokenizer: ErnieTokenizer | None = None,
 ) -> Runtime:
     start = time.perf_counter()
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = tokenizer or load_tokenizer(model_dir)
     cfg = load_config(model_dir)
     dev = resolve_device(device)
     context = max_context or cfg.max_position_embeddings
@@ -74,6 +76,7 @@ def load_runtime(
     reserve = kv_cache_bytes(cfg, min(context, 8192), resolve_dtype(dtype, cfg, dev))
     kwargs = {"quantize": quantize} if quantize else {}
     model = load_model(model_dir, dev, dtype, progress=progress, reserve_bytes=reserve, **kwargs)
+    check_interrupt()  # a Ctrl-C swallowed while loading must not let the run go on
     compiled = use_compile(compile, dev)
     decoder = Decoder(prepare_for_decoding(model, compiled), compiled)
     return Runtime(model, tokenizer, model.config, model_dir, generation_defaults(model_dir), time.perf_counter() - start, decoder)
@@ -88,6 +91,7 @@ class Request:
     ignore_eos: bool = False
     logprobs: int | None = None
     max_context: int | None = None
+    prompt_ids: list[int] | None = None  # the prompt already encoded (and checked) by prompt.prepare
 
 
 @dataclass
@@ -132,21 +136,10 @@ class StopMatcher:
 def complete(runtime: Runtime, request: Request, on_text: Callable[[str], None] = lambda s: None) -> Result:
     """Run one completion, calling on_text with each piece of final text as soon as it exists."""
     tok, cfg = runtime.tokenizer, runtime.config
-    prompt_ids = tok.encode(request.prompt)
-    if not prompt_ids:
-        raise ErnieError("the prompt is empty after tokenization: give some text to complete.")
-    top_id = max(prompt_ids)
-    if top_id >= cfg.vocab_size:  # the embedding lookup would fail with a bare IndexError
-        raise ErnieError(
-            f"the tokenizer gave token id {top_id} but the model has {cfg.vocab_size} embeddings: "
-            f"the tokenizer files in {runtime.model_dir} do not belong to this checkpoint; copy in the model's own."
-        )
-    context = min(request.max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    if len(prompt_ids) >= context:
-        raise ErnieError(
-            f"the prompt is {len(prompt_ids)} tokens but the context holds {context}: shorten the prompt"
-            + (" or raise --max-context." if context < cfg.max_position_embeddings else ".")
-        )
+    context = context_of(cfg, request.max_context)
+    prompt_ids = request.prompt_ids
+    if prompt_ids is None:
+        prompt_ids = encode(tok, cfg, request.prompt, context, runtime.model_dir)
     max_new = min(request.max_tokens, context - len(prompt_ids))
     eos = set(runtime.generation_defaults.get("eos_token_id", [])) | set(cfg.eos_token_ids) | {tok.eos_token_id}
     stop_ids = frozenset() if request.ignore_eos else frozenset(eos)
@@ -166,6 +159,7 @@ def complete(runtime: Runtime, request: Request, on_text: Callable[[str], None] 
             on_text(text)
 
     for step in generate(runtime.model, prompt_ids, max_new, sampler, stop_ids, request.logprobs, timings, runtime.decoder):
+        check_interrupt()
         tokens.append(step.token)
         if logprobs is not None:
             entry = {"id": step.token, "logprob": step.logprob}

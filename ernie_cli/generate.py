@@ -13,6 +13,7 @@ import torch
 from ernie_cli.cachedir import set_compiler_cache_env
 from ernie_cli.console import warn
 from ernie_cli.cache import KVCache
+from ernie_cli.errors import ErnieError, deferred_interrupts
 from ernie_cli.kernels import ops
 from ernie_cli.model import ErnieForCausalLM, MoE
 from ernie_cli.sampling import Sampler
@@ -28,7 +29,8 @@ def use_compile(option: str, device: torch.device) -> bool:
 
 def _compile_settings() -> None:
     set_compiler_cache_env()  # before Inductor reads it: a second `ernie complete` does not recompile
-    import torch._inductor.config as inductor
+    with deferred_interrupts():
+        import torch._inductor.config as inductor
 
     inductor.fx_graph_cache = True
     inductor.assert_indirect_indexing = False  # the expert gather is bounded by top-k; skip device asserts
@@ -229,9 +231,17 @@ def generate(
     logits = decoder.prefill(ids)[0].float()
     pos = len(prompt)
     for i in range(max_new_tokens):
-        token = sampler(logits)
-        sampler.observe(token)
+        # NaN or Inf logits (damaged weights, a dtype's range overflowed) would still yield a token
+        # (<unk>, over and over); -1 marks them instead, read with the token in the sync it already costs.
+        token = torch.where(torch.isfinite(logits).all(), sampler(logits), -1)
         step = Step(int(token))  # the one host sync per token: the caller needs the id to print it
+        if step.token < 0:
+            where = "for the prompt" if i == 0 else f"at generated token {i + 1}"
+            raise ErnieError(
+                f"the model's logits are not finite (NaN or Inf) {where}: its weights are damaged or overflow "
+                "this dtype; download the model again, or try --dtype float32."
+            )
+        sampler.observe(token)
         if logprobs is not None:
             lp = torch.log_softmax(logits, dim=-1)
             step.logprob = float(lp[step.token])

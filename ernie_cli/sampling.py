@@ -8,11 +8,17 @@ host sync, and the same seed, device and dtype give the same tokens.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ernie_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch.Generator.manual_seed takes any 64-bit value; negative ones alias positive ones, so they are refused.
+SEED_MAX = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -27,7 +33,14 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> "SamplingParams":
+        """Refuse values the sampler cannot use. Needs no torch, so options are checked before anything loads."""
+        floats = dict(temperature=self.temperature, top_p=self.top_p, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                      presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+        for name, value in floats.items():
+            if not math.isfinite(value):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, not {value}.")
         checks = [
+            (self.seed is None or 0 <= self.seed <= SEED_MAX, f"--seed must be between 0 and {SEED_MAX}"),
             (self.temperature >= 0, "--temperature must be >= 0"),
             (self.top_k >= 0, "--top-k must be >= 0 (0 turns it off)"),
             (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
@@ -47,7 +60,10 @@ class SamplingParams:
 
 
 class Sampler:
+    # torch is imported here and below rather than at the top: see SamplingParams.validate.
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device):
+        import torch
+
         self.params = params
         self.generator = torch.Generator(device=device)
         if params.seed is not None:
@@ -66,6 +82,8 @@ class Sampler:
         self.output_counts[token] += 1
 
     def penalise(self, logits: torch.Tensor) -> torch.Tensor:
+        import torch
+
         p = self.params
         if p.repetition_penalty != 1.0:
             scaled = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
@@ -76,6 +94,8 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: [V] float32 -> a 0-d int64 token id on the same device."""
+        import torch
+
         p = self.params
         logits = self.penalise(logits.float())
         if p.greedy:

@@ -20,6 +20,7 @@ import struct
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -33,6 +34,12 @@ from ernie_cli.files import ADDED_TOKENS, SPECIAL_TOKENS_MAP, SPM_COMPANIONS, SP
 _BUILD_VERSION = "1"
 _CACHE_PREFIX = "ernie-tokenizer-"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+# A text with no pre-tokenizer is one BPE "word", and encoding a long one at once is slow and
+# memory-hungry (about 1 s and 150 MB per MB of ERNIE text), so long texts are encoded in pieces of
+# about this many characters, each cut where no token can span the cut.
+_PIECE_CHARS = 16384
+# How far past a piece's end to look for such a cut before encoding the rest at once.
+_CUT_SEARCH = 65536
 
 
 class ErnieTokenizer:
@@ -60,6 +67,108 @@ class ErnieTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in the text become their ids."""
         return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_within(self, text: str, most: int) -> list[int] | None:
+        """encode(text), or None as soon as it is clear that the text has more than `most` tokens.
+
+        Long texts are encoded in pieces (see _PIECE_CHARS), cut between two characters that no
+        token and no added token contains side by side: BPE only ever merges into vocabulary
+        tokens, so nothing merges across such a cut, and the pieces' ids joined are exactly
+        encode(text)'s. A tokenizer whose normalizer or pre-tokenizer is not character by
+        character (so cuts cannot be placed safely) is encoded at once.
+        """
+        joins = self._joins if len(text) > _PIECE_CHARS else None
+        if joins is None:
+            ids = self.encode(text)
+            return ids if len(ids) <= most else None
+        ids: list[int] = []
+        start = 0
+        while start < len(text):
+            end = self._cut(text, start + _PIECE_CHARS, joins)
+            ids += self.encode(text[start:end])
+            if len(ids) > most:
+                return None
+            start = end
+        return ids
+
+    @cached_property
+    def max_token_bytes(self) -> int | None:
+        """The most UTF-8 bytes of text that one token can stand for, or None where no bound holds.
+
+        A text of B bytes then has at least B / max_token_bytes tokens, so a text too long for a
+        context is known by its size alone, before it is read whole or encoded. The bound holds when
+        normalization never shortens the text, nothing drops text (a whitespace pre-tokenizer, an
+        added token that strips its neighbours) and unknown characters are never fused into one
+        token; ERNIE's tokenizers (space to U+2581, byte fallback) are such.
+        """
+        if self._char_map is None:
+            return None
+        added = self.backend.get_added_tokens_decoder().values()
+        if any(token.lstrip or token.rstrip for token in added):
+            return None
+        vocab = self._vocab
+        model = self.backend.model
+        fallback = getattr(model, "byte_fallback", False) and all(f"<0x{b:02X}>" in vocab for b in range(256))
+        if getattr(model, "fuse_unk", False) and not fallback:
+            return None
+        return max(4, max(len(token.encode("utf-8")) for token in vocab))  # 4: one unknown character
+
+    @cached_property
+    def _char_map(self) -> dict[str, str] | None:
+        """The normalizer as a map of single characters (ERNIE's: space to U+2581), for a BPE
+        tokenizer with no pre-tokenizer; None for anything else."""
+        from tokenizers.models import BPE
+
+        model = self.backend.model
+        if not isinstance(model, BPE) or self.backend.pre_tokenizer is not None:
+            return None
+        if model.dropout or model.ignore_merges or model.continuing_subword_prefix or model.end_of_word_suffix:
+            return None
+        if self.backend.normalizer is None:
+            return {}
+        try:
+            spec = json.loads(self.backend.normalizer.__getstate__())
+        except (TypeError, ValueError):
+            return None
+        mapping: dict[str, str] = {}
+        for step in spec.get("normalizers", []) if spec.get("type") == "Sequence" else [spec]:
+            old, new = (step.get("pattern") or {}).get("String"), step.get("content")
+            if step.get("type") != "Replace" or not isinstance(old, str) or not isinstance(new, str) or len(old) != 1 or len(new) != 1:
+                return None
+            mapping = {char: new if mapped == old else mapped for char, mapped in mapping.items()}
+            mapping.setdefault(old, new)
+        if any(len(new.encode("utf-8")) < len(old.encode("utf-8")) for old, new in mapping.items()):
+            return None
+        return mapping
+
+    @cached_property
+    def _vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    @cached_property
+    def _joins(self) -> frozenset[str] | None:
+        """Every two adjacent characters inside a token or an added token (raw and normalized)."""
+        if self.max_token_bytes is None:
+            return None
+        mapping = self._char_map
+        pairs = set()
+        texts = list(self._vocab)
+        texts += ["".join(mapping.get(c, c) for c in token.content) for token in self.backend.get_added_tokens_decoder().values()]
+        for token in texts:
+            for i in range(len(token) - 1):
+                pairs.add(token[i : i + 2])
+        return frozenset(pairs)
+
+    def _cut(self, text: str, at: int, joins: frozenset[str]) -> int:
+        """The first place from `at` where the text can be cut exactly; its end when none is near."""
+        mapping, vocab = self._char_map, self._vocab
+        for i in range(at, min(len(text), at + _CUT_SEARCH)):
+            a, b = text[i - 1], text[i]
+            na, nb = mapping.get(a, a), mapping.get(b, b)
+            # A character outside the vocabulary goes to byte tokens, whose merges the pairs above do not describe.
+            if na + nb not in joins and a + b not in joins and na in vocab and nb in vocab:
+                return i
+        return len(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens included (see the class docstring)."""

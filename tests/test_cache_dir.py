@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ernie_cli.quant import native
+from ernie_cli.kernels.cpu import native
 
 CACHE_VARIABLES = ("XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "ERNIE_NATIVE")
 
@@ -23,7 +23,7 @@ CACHE_VARIABLES = ("XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DI
 PROBE = """
 import os
 from ernie_cli.generate import _compile_settings
-from ernie_cli.quant import native
+from ernie_cli.kernels.cpu import native
 from ernie_cli.tokenizer import default_cache_dir
 _compile_settings()
 print(native._cache_dir())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import subprocess
@@ -320,3 +322,217 @@ def test_sampling_defaults_come_from_generation_config(model_dir, tmp_path):
     by_config = run_json(greedy_dir, "-n", "10", "-s", "5", "--ignore-eos", PROMPT)
     by_flag = run_json(model_dir, "-n", "10", "-t", "0", "--ignore-eos", PROMPT)
     assert by_config["tokens"] == by_flag["tokens"]
+
+
+# ---- robustness of the command line ----------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The summary line and the warnings `ernie complete` itself writes; anything else on stderr is noise.
+OUR_STDERR = re.compile(r"^(\d+ prompt tokens, \d+ generated; .*finish: \w+|warning: .*)$")
+
+
+def test_numpy_is_a_declared_dependency():
+    """torch warns "Failed to initialize NumPy" on import without it, and `pip install .` does not pull it otherwise."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    assert "numpy" in {re.split(r"[<>=!~ \[;]", d, maxsplit=1)[0].lower() for d in deps}
+
+
+def test_stderr_holds_only_our_lines_even_without_numpy(model_dir, tmp_path):
+    """A numpy that cannot be imported (as after a bare install) must not add torch's warning to stderr."""
+    fake = tmp_path / "no-numpy" / "numpy"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ModuleNotFoundError("No module named \'numpy\'", name="numpy")\n')
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(fake.parent), ROOT]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "ernie_cli", "complete", "-m", str(model_dir), "-n", "3", "-s", "1", PROMPT],
+        stdin=subprocess.DEVNULL, capture_output=True, env=env, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stderr.decode().splitlines()
+    assert lines and all(OUR_STDERR.match(line) for line in lines), lines
+    assert b"NumPy" not in proc.stderr and b"UserWarning" not in proc.stderr
+
+
+def test_huge_stdin_is_refused_by_size_without_reading_it(model_dir):
+    """50 MB on stdin with a 64-position context: refused after reading a bounded prefix, in seconds."""
+    total = 50 * 1024**2
+    block = ("The quick brown fox jumps over the lazy dog. " * 1000).encode()
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ernie_cli", "complete", "-m", str(model_dir), "--max-context", "64", "Summary:"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+    )
+    written = 0
+    try:
+        while written < total:
+            written += proc.stdin.write(block[: total - written])
+    except BrokenPipeError:
+        pass  # the reader went away: what it had not read stays unread
+    out, err = proc.communicate(timeout=60)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1, err.decode()
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "context" in lines[0] and "--max-context" in lines[0]
+    assert out == b""
+    assert written < total // 4  # far less than all of it was ever taken from the pipe
+    assert elapsed < 10
+
+
+def _encode_spy(monkeypatch):
+    """The lengths of all texts the tokenizer encodes."""
+    from ernie_cli.tokenizer import ErnieTokenizer
+
+    seen = []
+    real = ErnieTokenizer.encode
+
+    def encode(self, text):
+        seen.append(len(text))
+        return real(self, text)
+
+    monkeypatch.setattr(ErnieTokenizer, "encode", encode)
+    return seen
+
+
+def test_prompt_over_the_context_in_tokens_is_refused_without_tokenizing_it_whole(model_dir, tmp_path, monkeypatch, capsys):
+    """Under the byte bound but over the context in tokens: counted piece by piece, refused before the weights."""
+    from ernie_cli.cli import main
+
+    seen = _encode_spy(monkeypatch)
+    text = "The quick brown fox jumps over the lazy dog; 今天的天气很好. " * 1500  # 94 KB: under 2,999 x 48 bytes
+    f = tmp_path / "long.txt"
+    f.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["complete", "-m", str(model_dir), "--max-context", "3000", "-f", str(f)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "tokens but the context holds 3000" in err and "--max-context" in err
+    assert seen and max(seen) < len(text) // 4
+
+
+def test_prompt_ids_counted_in_pieces_equal_one_encode(tokenizer_dir):
+    """The piecewise count is exact: its ids are those of encoding the text at once."""
+    from ernie_cli.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    parts = ["Hello, world!\n\n", "    indented code()  ", "今天的天气很好，", "🌧️ 😈", "<|end_of_sentence|>", "a" * 50,
+             "可在判决书送达之日起十五日内", " " * 40, "\t\r\n", "x = [1, 2, 3]; ", "Ünïcödé ", "ကျေးရွာအုပ်စု"]
+    rng = __import__("random").Random(0)
+    text = "".join(rng.choice(parts) for _ in range(60000))
+    whole = tok.encode(text)
+    assert tok.encode_within(text, len(whole)) == whole
+    assert tok.encode_within(text, len(whole) - 1) is None
+
+
+def test_non_utf8_argument_is_replaced_with_a_warning(model_dir):
+    proc = subprocess.run(
+        [sys.executable.encode(), b"-m", b"ernie_cli", b"complete", b"-m", str(model_dir).encode(), b"--json", b"-n", b"1",
+         b"caf\xe9 au lait", b"--stop", b"\xff"],
+        stdin=subprocess.DEVNULL, capture_output=True, env=ENV, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["prompt"] == "caf\ufffd au lait"
+    assert b"not valid UTF-8" in proc.stderr and b"TypeError" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-s", "99999999999999999999999"], "--seed"),
+        (["-s", "-1"], "--seed"),
+        (["--device", "tpu"], "--device"),
+        (["--device", "cuda:x"], "--device"),
+        (["-t", "nan"], "--temperature"),
+        (["--top-p", "nan"], "--top-p"),
+        (["--repetition-penalty", "inf"], "--repetition-penalty"),
+        (["--top-k", "-1"], "--top-k"),
+        (["--max-context", "1"], "--max-context"),
+        (["--logprobs", "21"], "--logprobs"),
+    ],
+)
+def test_invalid_options_are_refused_before_anything_loads(tmp_path, args, message):
+    """A model that does not exist: the option's error must come first, as a usage error."""
+    line = _error(ernie("-m", str(tmp_path / "no-such-model"), *args, "hi"), code=2)
+    assert line.startswith("error: ") and message in line
+
+
+def test_options_without_effect_are_named_once(model_dir):
+    proc = ernie("-m", str(model_dir), "-q", "-n", "2", "--logprobs", "3", PROMPT)
+    assert proc.returncode == 0
+    assert proc.stderr.decode().count("--logprobs") == 1 and "--json" in proc.stderr.decode()
+    proc = ernie("-m", str(model_dir), "-q", "-n", "2", "--json", "--echo", PROMPT)
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["prompt"] == PROMPT
+    assert proc.stderr.decode().count("--echo") == 1
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.5, 0.75, 1.0])
+def test_ctrl_c_at_any_moment_exits_130_without_traceback(model_dir, delay):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ernie_cli", "complete", "-m", str(model_dir), "-q", "-n", "60000", "--ignore-eos", "-s", "1", "Go"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"Traceback" not in err and b"Error" not in err
+
+
+def test_shell_loop_runs_once_per_line_with_no_stdin(model_dir, tmp_path):
+    words = tmp_path / "words.txt"
+    words.write_text("alpha\nbeta\ngamma\n")
+    command = f"{sys.executable} -m ernie_cli complete -m {model_dir} -q -n 1 --json"
+    loop = 'while read -r w; do {cmd} "$w"; done < {words}'
+    # Without --no-stdin the first run takes the rest of the file as its prompt, and says so.
+    proc = subprocess.run(["bash", "-c", loop.format(cmd=command, words=words)], capture_output=True, env=ENV, timeout=120)
+    records = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [r["prompt"] for r in records] == ["beta\ngamma\nalpha"]
+    assert "--no-stdin" in proc.stderr.decode()
+    proc = subprocess.run(["bash", "-c", loop.format(cmd=command + " --no-stdin", words=words)], capture_output=True, env=ENV, timeout=120)
+    records = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [r["prompt"] for r in records] == ["alpha", "beta", "gamma"]
+
+
+def test_no_stdin_from_the_environment(model_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ernie_cli", "complete", "-m", str(model_dir), "-q", "-n", "1", "--json", "hi"],
+        input=b"not part of the prompt", capture_output=True, env=dict(ENV, ERNIE_NO_STDIN="1"), timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout)["prompt"] == "hi"
+
+
+def test_stdin_that_stays_open_is_named_while_waited_for(model_dir):
+    """`sleep 20 | ernie complete hi` waits for the pipe; a person sees why, and closing it lets the run go on."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ernie_cli", "complete", "-m", str(model_dir), "-q", "-n", "1", "--json", "hi"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+    )
+    ready, _, _ = select.select([proc.stderr], [], [], 60)
+    line = proc.stderr.readline().decode() if ready else ""
+    out, _ = proc.communicate(b"", timeout=60)  # closes stdin: the run goes on
+    assert "waiting for stdin" in line and "--no-stdin" in line
+    assert proc.returncode == 0 and json.loads(out)["prompt"] == "hi"
+
+
+def test_non_finite_logits_stop_with_one_line(model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan-weights"
+    shutil.copytree(model_dir, bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    weights["model.norm.weight"][3] = float("nan")
+    save_file(weights, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    line = _error(ernie("-m", str(bad), "-n", "3", PROMPT))
+    assert "not finite" in line
+
+
+def test_docs_pass_real_newlines_to_stop():
+    """`--stop "\\n\\n"` hands the shell's two characters backslash and n, which never occur in the text."""
+    text = open(os.path.join(ROOT, "docs", "complete.md"), encoding="utf-8").read()
+    assert not re.search(r'--stop "[^"]*\\n', text)
+    assert "--stop $'\\n\\n'" in text

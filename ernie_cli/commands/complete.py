@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -10,62 +11,33 @@ from typing import Annotated, Optional
 import typer
 
 from ernie_cli.console import byte_progress, info, warn, write_stdout
-from ernie_cli.errors import UsageError
+from ernie_cli.errors import UsageError, deferred_interrupts
 from ernie_cli.hub import DEFAULT_MODEL
 
 
-def _read_stdin() -> str:
-    data = sys.stdin.buffer.read()
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _from_shell(value: str, warned: list[bool]) -> str:
+    """Command-line text as the shell gave it: bytes that are not UTF-8 arrive as surrogate escapes,
+    which no tokenizer takes; they become U+FFFD, as on stdin, with one warning."""
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        warn("stdin is not valid UTF-8; undecodable bytes were replaced with U+FFFD.")
-        return data.decode("utf-8", errors="replace")
-
-
-def _read_file(path: Path) -> str:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read --file {path}: {exc.strerror or exc}.") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        warn(f"{path} is not valid UTF-8; undecodable bytes were replaced with U+FFFD.")
-        return data.decode("utf-8", errors="replace")
-
-
-def _stdin_is_piped() -> bool:
-    try:
-        return sys.stdin is not None and not sys.stdin.isatty()
-    except ValueError:  # closed
-        return False
-
-
-def gather_prompt(argument: Optional[str], file: Optional[Path]) -> str:
-    """llm's convention: piped stdin comes first, then the argument; `-` reads stdin explicitly."""
-    parts = []
-    if file is not None:
-        parts.append(_read_file(file))
-    if argument == "-":
-        parts.append(_read_stdin())
-        argument = None
-    elif _stdin_is_piped():
-        piped = _read_stdin()
-        if piped:  # an empty stdin (cron, CI) is no prompt
-            parts.append(piped)
-    if argument is not None:
-        parts.append(argument)
-    if not parts or not any(parts):
-        raise UsageError('no prompt: pass it as an argument (ernie complete "Once upon a time"), with -f FILE, or on stdin.')
-    prompt = parts[0]
-    for part in parts[1:]:
-        prompt += part if not prompt or prompt[-1].isspace() else " " + part
-    return prompt
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = value.encode("utf-8", "surrogatepass")
+    if not warned:
+        warn("the command line is not valid UTF-8; undecodable bytes were replaced with U+FFFD.")
+        warned.append(True)
+    return raw.decode("utf-8", errors="replace")
 
 
 def complete(
-    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue. Piped stdin is prepended; '-' reads stdin.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Argument(help="Text to continue. Piped stdin is prepended (see --no-stdin); '-' reads stdin.", show_default=False)] = None,
     model: Annotated[str, typer.Option("-m", "--model", help="Hub repo id or local directory.")] = DEFAULT_MODEL,
     file: Annotated[Optional[Path], typer.Option("-f", "--file", help="Read the prompt from a file.", show_default=False)] = None,
     max_tokens: Annotated[int, typer.Option("-n", "--max-tokens", help="Most tokens to generate.")] = 256,
@@ -87,12 +59,15 @@ def complete(
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize a float checkpoint while loading: int8 or int4.", show_default=False)] = None,
     max_context: Annotated[Optional[int], typer.Option("--max-context", help="Most positions (prompt + output). [default: the model's]", show_default=False)] = None,
     compile: Annotated[str, typer.Option("--compile", help="auto (on for CUDA), on or off: the decode step as one CUDA graph.")] = "auto",
+    no_stdin: Annotated[bool, typer.Option("--no-stdin", envvar="ERNIE_NO_STDIN", show_envvar=False, help="Never read stdin, even when it is piped: for scripts and `while read` loops (also ERNIE_NO_STDIN=1).")] = False,
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network (as HF_HUB_OFFLINE=1).")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No summary line on stderr.")] = False,
 ) -> None:
     """Continue PROMPT with the model and stream the text to stdout. Statistics go to stderr."""
+    from ernie_cli import prompt as prompt_module
     from ernie_cli.sampling import SamplingParams
 
+    # Every option is checked before anything is read or loaded.
     if max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1.")
     if logprobs is not None and not 0 <= logprobs <= 20:
@@ -105,26 +80,42 @@ def complete(
         raise UsageError(f"--quantize {quantize!r} is not one of int8, int4.")
     if compile not in ("auto", "on", "off"):
         raise UsageError(f"--compile {compile!r} is not one of auto, on, off.")
-    text = gather_prompt(prompt, file)
-
-    from ernie_cli import completion
-    from ernie_cli.hub import resolve_model
-
-    model_dir = resolve_model(model, offline=True if offline else None, quiet=quiet)
-    defaults = completion.generation_defaults(model_dir)
+    if not DEVICE.fullmatch(device):
+        raise UsageError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N.")
     chosen = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
     )
+    SamplingParams(**{k: v for k, v in chosen.items() if v is not None}, seed=seed).validate()
+    warned: list[bool] = []
+    if prompt is not None:
+        prompt = _from_shell(prompt, warned)
+    stops = [_from_shell(s, warned) for s in stop or []]
+    if logprobs is not None and not as_json:
+        warn("--logprobs has no effect without --json, which is where the logprobs are written.")
+    if echo and as_json:
+        warn("--echo has no effect with --json, whose \"prompt\" field already holds the prompt.")
+    src = prompt_module.sources(prompt, file, no_stdin)
+
+    from ernie_cli.hub import resolve_model
+
+    model_dir = resolve_model(model, offline=True if offline else None, quiet=quiet)
+    gathered = prompt_module.prepare(model_dir, src, max_context)
+
+    with deferred_interrupts():  # torch is imported here
+        from ernie_cli import completion
+
+    defaults = completion.generation_defaults(model_dir)
     values = {k: (v if v is not None else defaults.get(k)) for k, v in chosen.items()}
     sampling = SamplingParams(**{k: v for k, v in values.items() if v is not None}, seed=seed).validate()
 
     progress, stop_progress = byte_progress("loading weights", quiet)
     try:
-        runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, progress, compile)
+        runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, progress, compile, gathered.tokenizer)
     finally:
         stop_progress()
-    request = completion.Request(text, max_tokens, sampling, list(stop or []), ignore_eos, logprobs, max_context)
+    text = gathered.text
+    request = completion.Request(text, max_tokens, sampling, stops, ignore_eos, logprobs, max_context, gathered.ids)
     if echo and not as_json:
         write_stdout(text)
     result = completion.complete(runtime, request, on_text=(lambda s: None) if as_json else write_stdout)
