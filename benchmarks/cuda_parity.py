@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny_models import SHAPES, load_reference, write_checkpoint  # noqa: E402
 
-from ernie_cli.generate import Decoder, generate  # noqa: E402
-from ernie_cli.loader import load_model, prepare_for_decoding  # noqa: E402
-from ernie_cli.sampling import Sampler, SamplingParams  # noqa: E402
+from ernie_cli.runtime.decoder import Decoder  # noqa: E402
+from ernie_cli.runtime.generate import generate  # noqa: E402
+from ernie_cli.runtime.sampling import Sampler, SamplingParams  # noqa: E402
+from ernie_cli.weights.loader import load_model, prepare_for_decoding  # noqa: E402
 
 
 def kl(p_logits, q_logits):

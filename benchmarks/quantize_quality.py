@@ -97,9 +97,9 @@ def weight_error() -> None:
 def tiny_kl() -> None:
     from tiny_models import load_reference, write_checkpoint
 
-    from ernie_cli.loader import load_model
     from ernie_cli.quant.convert import quantize_checkpoint
     from ernie_cli.quant.spec import QuantSpec
+    from ernie_cli.weights.loader import load_model
 
     def kl(p, q):
         p, q = p.double().log_softmax(-1), q.double().log_softmax(-1)

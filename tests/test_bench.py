@@ -16,11 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ernie_cli.fuse import shared_into_experts
-from ernie_cli.bench import BenchCase, build_tests, run_test, weight_bytes_per_token
-from ernie_cli.config import parse_config
-from ernie_cli.loader import load_model, random_model
-from ernie_cli.model import MoE
+from ernie_cli.model.config import parse_config
+from ernie_cli.model.ernie import MoE
+from ernie_cli.runtime.benchmark import (
+    BenchCase,
+    build_tests,
+    run_test,
+    weight_bytes_per_token,
+)
+from ernie_cli.weights.fuse import shared_into_experts
+from ernie_cli.weights.loader import load_model, random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIG = ROOT / "benchmarks" / "configs" / "ERNIE-4.5-21B-A3B-Base-PT.json"
@@ -169,7 +174,7 @@ def test_commit_names_the_checkout_and_says_when_it_was_changed(tmp_path):
     shutil.copy(bench.__file__, package / "bench.py")
     git("init", "-q")
     assert bench.git_commit(package) is None  # inside a repository that does not track it
-    git("add", "ernie_cli/bench.py")
+    git("add", "ernie_cli/runtime/benchmark.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     assert bench.git_commit(package) == git("rev-parse", "--short=12", "HEAD")
     (package / "bench.py").write_text("# changed\n")
@@ -289,8 +294,8 @@ def test_option_values_are_checked_before_loading(args, named):
 
 MEASURE_PREFILL = """
 import sys, torch
-from ernie_cli.bench import _peak, _reset_peak
-from ernie_cli.loader import activation_bytes, load_model
+from ernie_cli.runtime.benchmark import _peak, _reset_peak
+from ernie_cli.weights.loader import activation_bytes, load_model
 model = load_model(sys.argv[1], "cpu", torch.float32)
 cpu = torch.device("cpu")
 for tokens, depth in ((4000, 0), (2048, 1024)):

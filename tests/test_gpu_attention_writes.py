@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-from ernie_cli.kernels.triton import attention as gpu_attention
 from ernie_cli.kernels import ops
 from ernie_cli.kernels.ops import rope_in_torch
-from ernie_cli.model import rope_table
+from ernie_cli.kernels.triton import attention as gpu_attention
+from ernie_cli.model.ernie import rope_table
 
 DEVICE = os.environ.get("DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(
@@ -132,9 +132,9 @@ def test_attention_layer_takes_the_operator_in_the_decode_step(monkeypatch):
     import json
     from pathlib import Path
 
-    from ernie_cli.config import parse_config
-    from ernie_cli.cache import LayerCache
-    from ernie_cli.model import Attention
+    from ernie_cli.model.cache import LayerCache
+    from ernie_cli.model.config import parse_config
+    from ernie_cli.model.ernie import Attention
 
     raw = json.loads((Path(__file__).parent.parent / "benchmarks/configs/ERNIE-4.5-21B-A3B-Base-PT.json").read_text())
     cfg = parse_config(raw)

@@ -10,9 +10,11 @@ last bits, and a bf16 result by one rounding step where the float32 value sits n
 import pytest
 import torch
 
-from ernie_cli.kernels.triton import dequant as gpu_dequant, elementwise as gpu_elementwise, gemv as gpu_gemv
 from ernie_cli.kernels.ops import rope_in_torch
-from ernie_cli.model import RMSNorm, rope_table
+from ernie_cli.kernels.triton import dequant as gpu_dequant
+from ernie_cli.kernels.triton import elementwise as gpu_elementwise
+from ernie_cli.kernels.triton import gemv as gpu_gemv
+from ernie_cli.model.ernie import RMSNorm, rope_table
 from ernie_cli.quant import formats
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_gemv.triton is not None), reason="needs a CUDA GPU and Triton")

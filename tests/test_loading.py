@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
-
-from ernie_cli.config import load_config, parse_config
-from ernie_cli.errors import ErnieError
-from ernie_cli.loader import load_model
 from tiny_models import edit_config, write_checkpoint
+
+from ernie_cli.errors import ErnieError
+from ernie_cli.model.config import load_config, parse_config
+from ernie_cli.weights.loader import load_model
 
 REAL_CONFIG = {
     # The 21B-A3B values in Baidu's original style (../shared/docs/ernie-architecture.md §1.1).
@@ -195,7 +195,7 @@ def test_config_and_weights_disagree(moe_copy):
 
 
 def test_model_too_big_for_memory_is_refused_before_loading(moe_copy, monkeypatch):
-    import ernie_cli.loader as loader
+    import ernie_cli.weights.loader as loader
 
     monkeypatch.setattr(loader, "available_bytes", lambda device: 1000)
     with pytest.raises(ErnieError, match=r"needs about .* GiB but only 0.0 GiB is free on cpu: use a quantized copy"):

@@ -3,13 +3,13 @@
 
 import pytest
 import torch
-
-from ernie_cli.fuse import fuse_for_decode, shared_into_experts
-from ernie_cli.generate import generate
-from ernie_cli.kernels import ops
-from ernie_cli.loader import load_model
-from ernie_cli.sampling import Sampler, SamplingParams
 from tiny_models import SHAPES
+
+from ernie_cli.kernels import ops
+from ernie_cli.runtime.generate import generate
+from ernie_cli.runtime.sampling import Sampler, SamplingParams
+from ernie_cli.weights.fuse import fuse_for_decode, shared_into_experts
+from ernie_cli.weights.loader import load_model
 
 TOL = 1e-4
 
@@ -32,7 +32,7 @@ def test_full_forward_logits_match_transformers(checkpoints, shape):
 
 def test_checkpoint_layouts_really_differ(checkpoints):
     """The hub layout stores one tensor per expert; the fused one stacks them (guards the fixtures)."""
-    from ernie_cli.checkpoint import Checkpoint
+    from ernie_cli.weights.checkpoint import Checkpoint
 
     hub = Checkpoint(checkpoints("moe")[0]).tensors
     fused = Checkpoint(checkpoints("moe_fused_names")[0]).tensors
@@ -177,7 +177,7 @@ def test_shared_experts_moved_into_the_expert_stack_match_transformers(checkpoin
     """fuse.shared_into_experts, which the CUDA decode graph uses, run here in float32: the shared MLP
     split into num_shared more experts that every token takes must give transformers' logits, through
     the grouped expert path (prefill) and the gathered one (the decode graph's)."""
-    from ernie_cli.model import MoE
+    from ernie_cli.model.ernie import MoE
 
     path, ref = checkpoints(shape)
     ours = load_model(path, "cpu", torch.float32)
@@ -199,7 +199,7 @@ def test_router_logits_as_a_sum_in_the_compiled_step_match_transformers(checkpoi
     """The CUDA decode graph takes the router's logits as a product and a
     sum, which Inductor makes one kernel) instead of F.linear. Here that branch is forced on the CPU,
     compiled as on CUDA: teacher-forced one-token steps must give transformers' logits within TOL."""
-    from ernie_cli.generate import Decoder
+    from ernie_cli.runtime.decoder import Decoder
 
     path, ref = checkpoints("moe")
     model = load_model(path, "cpu", torch.float32)

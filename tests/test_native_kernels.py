@@ -10,10 +10,10 @@ by element, with 1e-5 of sum |x||w| for the float32 part.
 import pytest
 import torch
 
-from ernie_cli.kernels.cpu import native
-from ernie_cli.quant import formats
 from ernie_cli.kernels import quantized
+from ernie_cli.kernels.cpu import native
 from ernie_cli.kernels.ops import choose_backend
+from ernie_cli.quant import formats
 from ernie_cli.quant.weight import QuantWeight
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason="the native int kernels need an x86 CPU with AVX-512 VNNI and a C compiler")

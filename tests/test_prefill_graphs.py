@@ -7,9 +7,10 @@ minus the capture. The CUDA tests compare the replayed graph with the eager pref
 import pytest
 import torch
 
-from ernie_cli.generate import Decoder, PrefillGraphs, generate, prefill_waits_for_host
-from ernie_cli.loader import load_model
-from ernie_cli.sampling import Sampler, SamplingParams
+from ernie_cli.runtime.decoder import Decoder, PrefillGraphs, prefill_waits_for_host
+from ernie_cli.runtime.generate import generate
+from ernie_cli.runtime.sampling import Sampler, SamplingParams
+from ernie_cli.weights.loader import load_model
 
 TOL = 1e-4
 

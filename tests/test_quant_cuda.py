@@ -7,9 +7,9 @@ Skipped without a GPU; run on the GPU machine with `pytest tests/test_quant_cuda
 import pytest
 import torch
 
-from ernie_cli.loader import load_model
 from ernie_cli.quant.convert import quantize_checkpoint
 from ernie_cli.quant.spec import QuantSpec
+from ernie_cli.weights.loader import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ernie_cli.quant import formats
 from ernie_cli.kernels import quantized
+from ernie_cli.quant import formats
 from ernie_cli.quant.weight import QuantWeight
 
 

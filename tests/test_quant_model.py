@@ -10,13 +10,13 @@ dense int8 4.5e-4, int4 g32 4.4e-2, g64 5.7e-2.
 import pytest
 import torch
 
-from ernie_cli.fuse import fuse_for_decode, shared_into_experts
-from ernie_cli.loader import load_model
+from ernie_cli.kernels import ops
 from ernie_cli.quant import formats
 from ernie_cli.quant.convert import quantize_checkpoint
-from ernie_cli.kernels import ops
-from ernie_cli.quant.weight import QuantWeight, quantized_nbytes
 from ernie_cli.quant.spec import QuantSpec
+from ernie_cli.quant.weight import QuantWeight, quantized_nbytes
+from ernie_cli.weights.fuse import fuse_for_decode, shared_into_experts
+from ernie_cli.weights.loader import load_model
 
 
 def _ids(batch=4, n=64, seed=0):
@@ -195,8 +195,8 @@ def test_keep_embeddings_and_untied_head(checkpoints, tmp_path):
 
 
 def test_memory_estimate_uses_quantized_sizes(checkpoints, quantized, monkeypatch):
-    import ernie_cli.loader as loader
-    from ernie_cli.config import load_config
+    import ernie_cli.weights.loader as loader
+    from ernie_cli.model.config import load_config
     from ernie_cli.quant.load import model_bytes
 
     src, _ = checkpoints("moe")
@@ -214,7 +214,7 @@ def test_memory_estimate_uses_quantized_sizes(checkpoints, quantized, monkeypatc
 def test_cuda_estimate_adds_the_prefill_scratch_buffers(checkpoints):
     """Counted by hand for the tiny MoE (hidden 64, 4 heads and 2 kv heads of 16, 8 experts of 24,
     2 shared, dense layer 160): every distinct quantized shape once, in bf16 bytes."""
-    from ernie_cli.config import load_config
+    from ernie_cli.model.config import load_config
     from ernie_cli.quant.load import prefill_scratch_bytes
 
     src, _ = checkpoints("moe")
@@ -234,8 +234,8 @@ def test_cuda_estimate_adds_the_prefill_scratch_buffers(checkpoints):
 
 
 def test_generate_runs_on_a_quantized_model(quantized):
-    from ernie_cli.generate import generate
-    from ernie_cli.sampling import Sampler, SamplingParams
+    from ernie_cli.runtime.generate import generate
+    from ernie_cli.runtime.sampling import Sampler, SamplingParams
 
     model = load_model(quantized("moe", "int4", 64), "cpu", torch.bfloat16)
     sampler = Sampler(SamplingParams(temperature=0), model.config.vocab_size, model.device)
@@ -275,7 +275,7 @@ def test_corrupt_quantized_checkpoints_are_refused(quantized, tmp_path):
 def test_format_numbers_in_config_describe_the_tensors(quantized):
     import json
 
-    from ernie_cli.checkpoint import Checkpoint
+    from ernie_cli.weights.checkpoint import Checkpoint
 
     path = quantized("moe", "int4", 64)
     q = json.loads((path / "config.json").read_text())["quantization_config"]
@@ -293,11 +293,11 @@ def test_format_numbers_in_config_describe_the_tensors(quantized):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(checkpoints, fmt):
-    """loader.quantize_model (used by `ernie bench --config ... --quantize`) on a float model."""
-    from ernie_cli.loader import quantize_model
+    """quant.load.quantize_in_place (used by `ernie bench --config ... --quantize`) on a float model."""
+    from ernie_cli.quant.load import quantize_in_place
 
     src, _ = checkpoints("moe")
-    in_memory = quantize_model(load_model(src, "cpu", torch.float32), fmt, 32)
+    in_memory = quantize_in_place(load_model(src, "cpu", torch.float32), QuantSpec.make(fmt, 32))
     online = load_model(src, "cpu", torch.float32, quantize=fmt, group_size=32)
     assert isinstance(in_memory.layers[1].mlp.experts.gate_up_proj, QuantWeight) and in_memory.quantization.format == fmt
     assert not [n for n, p in in_memory.named_parameters() if p.dtype == torch.float32 and p.dim() == 3]
@@ -353,8 +353,8 @@ def test_compiled_cpu_decode_keeps_the_native_kernels(quantized, monkeypatch):
     """`--compile on` on the CPU: the native kernels stay in the compiled step as one operator each
     (native.int_matmul), instead of the slow dequantize-and-reduce form, and decode the same."""
     _need_native()
-    from ernie_cli.generate import Decoder
     from ernie_cli.kernels.cpu import native
+    from ernie_cli.runtime.decoder import Decoder
 
     monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "")
     model = load_model(quantized("moe_wide", "int4", 64), "cpu", torch.float32)
@@ -363,10 +363,10 @@ def test_compiled_cpu_decode_keeps_the_native_kernels(quantized, monkeypatch):
     real = native.kernels().int4
     monkeypatch.setattr(native.kernels(), "int4", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     with torch.no_grad():
-        model_cache = model.new_cache(1, 16)
-        model(ids[:, :4], 0)
-        eager = [model(ids[:, p : p + 1], p)[:, -1] for p in range(4, 12)]
         compiled = Decoder(model, compile=True)
+        cache = compiled.reserve(16)
+        model(ids[:, :4], 0, cache)
+        eager = [model(ids[:, p : p + 1], p, cache)[:, -1] for p in range(4, 12)]
         calls.clear()
         steps = [compiled(ids[:, p : p + 1], p) for p in range(4, 12)]
     assert len(calls) >= 8 * 4  # every layer's int4 products went through the native kernel
@@ -397,7 +397,7 @@ def test_shared_experts_moved_into_the_quantized_stack(quantized, monkeypatch, s
     scales and zeros split by rows (gate_up) and by columns (down), in float32, must give what the
     separate shared MLP gives, through prefill and the one-token gathered path. A split that mixed
     up rows, nibbles or scale groups would move logits by far more than the summation order does."""
-    from ernie_cli.model import MoE
+    from ernie_cli.model.ernie import MoE
 
     monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "dequant")
     path = quantized(shape, fmt, group)

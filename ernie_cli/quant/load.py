@@ -13,17 +13,16 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ernie_cli.checkpoint import Checkpoint, TensorReader
-from ernie_cli.config import ErnieConfig
 from ernie_cli.errors import ErnieError
 from ernie_cli.kernels.ops import choose_backend
-from ernie_cli.model import ErnieForCausalLM, set_weight
+from ernie_cli.model.config import ErnieConfig
+from ernie_cli.model.ernie import ErnieForCausalLM, set_param
 from ernie_cli.quant import formats
 from ernie_cli.quant.convert import quantize_param, read_whole
 from ernie_cli.quant.spec import QuantSpec
 from ernie_cli.quant.weight import QuantWeight
+from ernie_cli.weights.checkpoint import Checkpoint, TensorReader
 
 
 def _is_fp32(name: str) -> bool:
@@ -76,11 +75,6 @@ def prefill_scratch_bytes(cfg: ErnieConfig, spec: QuantSpec, dtype: torch.dtype,
 # ---- putting modules in place --------------------------------------------------------------------
 
 
-def _set_param(model: nn.Module, name: str, value) -> None:
-    owner, _, leaf = name.rpartition(".")
-    set_weight(model.get_submodule(owner) if owner else model, leaf, value)
-
-
 def install(
     model: ErnieForCausalLM, name: str, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...],
     group_size: int, device: torch.device, dtype: torch.dtype, backend: str | None = None,
@@ -90,7 +84,7 @@ def install(
     if name == "embed_tokens.weight" and fmt != "int8":
         raise ErnieError("the embedding can only be stored as int8; re-create the checkpoint with `ernie quantize`.")
     backend = backend or choose_backend(fmt, group_size, device, shape[-1])
-    _set_param(model, name, QuantWeight(fmt, shape, group_size, backend).load(tensors, device))
+    set_param(model, name, QuantWeight(fmt, shape, group_size, backend).load(tensors, device))
 
 
 def _finish(model: ErnieForCausalLM, spec: QuantSpec) -> ErnieForCausalLM:
@@ -135,7 +129,7 @@ def _validate(ckpt: Checkpoint, expected: dict) -> None:
             raise ErnieError(f"{info.file.name}: unexpected tensor {name} for this config.json; the checkpoint and its config do not match.")
 
 
-def load_quantized(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtype: torch.dtype, progress=None, check_fits=None) -> ErnieForCausalLM:
+def load_quantized_dir(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtype: torch.dtype, progress=None, check_fits=None) -> ErnieForCausalLM:
     spec = QuantSpec.from_config(cfg.quantization, f"{model_dir}/config.json")
     ckpt = Checkpoint(model_dir)
     expected = expected_tensors(cfg, spec)
@@ -153,7 +147,7 @@ def load_quantized(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtyp
                 if fmt is None:
                     value = reader.read(name)
                     target = torch.float32 if _is_fp32(name) else dtype
-                    _set_param(model, name, value.to(device=device, dtype=target))
+                    set_param(model, name, value.to(device=device, dtype=target))
                     done += value.nbytes
                 else:
                     # The native CPU kernels read the file layout, at any alignment: their weights stay
@@ -175,7 +169,7 @@ def load_quantized(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtyp
 # ---- a float checkpoint, quantized on the way in ----------------------------------------------------
 
 
-def load_quantizing(
+def quantize_while_loading(
     model_dir: Path, cfg: ErnieConfig, ckpt: Checkpoint, params: list, spec: QuantSpec,
     device: torch.device, dtype: torch.dtype, progress=None,
 ) -> ErnieForCausalLM:
@@ -194,7 +188,7 @@ def load_quantizing(
                 if fmt is None:
                     value = read_whole(param, reader)
                     target = torch.float32 if param.keep_fp32 else dtype
-                    _set_param(model, param.name, value.to(device=device, dtype=target))
+                    set_param(model, param.name, value.to(device=device, dtype=target))
                     done += sum(ckpt.tensors[p.source].nbytes for p in param.pieces)
                     if progress:
                         progress(done, total)
@@ -234,7 +228,7 @@ def _quantize_tensor(fmt: str, w: torch.Tensor, group_size: int, steps: int) -> 
 
 
 @torch.no_grad()
-def quantize_model(model: ErnieForCausalLM, spec: QuantSpec) -> ErnieForCausalLM:
+def quantize_in_place(model: ErnieForCausalLM, spec: QuantSpec) -> ErnieForCausalLM:
     """Quantize a float model in place (random weights for benchmarks, say), one weight at a time so
     each float weight is freed as soon as its quantized form replaces it."""
     device, dtype = model.device, model.dtype

@@ -21,7 +21,6 @@ import os
 
 import torch
 
-from ernie_cli.kernels.triton import gemv as gpu_gemv
 from ernie_cli.kernels.triton.gemv import tl, triton
 
 SPLITS = 16  # stretches per KV head: 4 KV heads x 16 = 64 programs, and 8,192 cached tokens give each 512

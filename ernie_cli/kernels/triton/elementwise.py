@@ -18,7 +18,6 @@ import torch
 from ernie_cli.kernels.triton import gemv as gpu_gemv
 from ernie_cli.kernels.triton.gemv import tl, triton
 
-
 usable = gpu_gemv.usable_eagerly
 
 

@@ -12,12 +12,10 @@ up rows of the same units), and the down product writes each row back to its tok
 
 from __future__ import annotations
 
-
 import torch
 
 from ernie_cli.kernels.triton import gemv as gpu_gemv
 from ernie_cli.kernels.triton.gemv import tl, triton
-
 
 
 def usable(x: torch.Tensor) -> bool:

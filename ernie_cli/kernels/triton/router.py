@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ernie_cli.kernels.triton import gemv as gpu_gemv
 from ernie_cli.kernels.triton.gemv import tl, triton
-
 
 if triton is not None:
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ernie_cli.model import Attention, ErnieForCausalLM, Linear, MoE, set_weight
+from ernie_cli.model.ernie import Attention, ErnieForCausalLM, Linear, MoE, set_weight
 from ernie_cli.quant.weight import QuantWeight
 
 

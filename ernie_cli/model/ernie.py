@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ernie_cli.cache import KVCache, LayerCache
-from ernie_cli.config import ErnieConfig
 from ernie_cli.kernels import ops
+from ernie_cli.model.cache import KVCache, LayerCache
+from ernie_cli.model.config import ErnieConfig
 
 
 def _weight(*shape: int, dtype=None) -> nn.Parameter:
@@ -34,6 +34,12 @@ def set_weight(module: nn.Module, name: str, value) -> None:
         module._modules[name] = value
     else:
         module._parameters[name] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+
+
+def set_param(model: nn.Module, name: str, value) -> None:
+    """set_weight by the parameter's dotted name in the model (its state_dict name)."""
+    owner, _, leaf = name.rpartition(".")
+    set_weight(model.get_submodule(owner) if owner else model, leaf, value)
 
 
 # ---- §2.2 RMSNorm ---------------------------------------------------------------------------------

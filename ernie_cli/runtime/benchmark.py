@@ -21,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from ernie_cli.config import ErnieConfig
 from ernie_cli.console import warn
 from ernie_cli.errors import ErnieError, UsageError
-from ernie_cli.generate import Decoder
-from ernie_cli.loader import activation_bytes, available_bytes, kv_cache_bytes
-from ernie_cli.cache import CACHE_BLOCK
-from ernie_cli.model import Experts, ErnieForCausalLM
+from ernie_cli.model.cache import CACHE_BLOCK
+from ernie_cli.model.config import ErnieConfig
+from ernie_cli.model.ernie import ErnieForCausalLM, Experts
+from ernie_cli.runtime.decoder import Decoder
+from ernie_cli.weights.loader import activation_bytes, available_bytes, kv_cache_bytes
 
 
 @dataclass(frozen=True)
