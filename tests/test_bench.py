@@ -162,7 +162,7 @@ def test_commit_names_the_checkout_and_says_when_it_was_changed(tmp_path):
     import shutil
     import subprocess
 
-    from ernie_cli import bench
+    from ernie_cli.runtime import benchmark as bench
 
     def git(*args):
         return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout.strip()

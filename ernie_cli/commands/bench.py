@@ -80,7 +80,7 @@ def bench(
 
     import torch
 
-    from ernie_cli import bench as runtime
+    from ernie_cli.runtime import benchmark as runtime
     from ernie_cli.runtime.decoder import Decoder, use_compile
     from ernie_cli.weights.loader import (
         prepare_for_decoding,

@@ -63,7 +63,7 @@ def complete(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No summary line on stderr.")] = False,
 ) -> None:
     """Continue PROMPT with the model and stream the text to stdout. Statistics go to stderr."""
-    from ernie_cli import prompt as prompt_module
+    from ernie_cli.text import prompt as prompt_module
     from ernie_cli.runtime.sampling import SamplingParams
 
     # Every option is checked before anything is read or loaded.
@@ -102,7 +102,7 @@ def complete(
     gathered = prompt_module.prepare(model_dir, src, max_context)
 
     with deferred_interrupts():  # torch is imported here
-        from ernie_cli import completion
+        from ernie_cli.runtime import completion
 
     defaults = completion.generation_defaults(model_dir)
     values = {k: (v if v is not None else defaults.get(k)) for k, v in chosen.items()}
