@@ -85,20 +85,21 @@ def test_bad_configs_are_refused_naming_the_key(change, key):
         parse_config(raw)
 
 
+def _copy(checkpoints, tmp_path, shape):
+    """A writable copy of a shared checkpoint, for tests that damage it."""
+    dst = tmp_path / "model"
+    shutil.copytree(checkpoints(shape)[0], dst)
+    return dst
+
+
 @pytest.fixture
 def moe_copy(checkpoints, tmp_path):
-    src, _ = checkpoints("moe")
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    return dst
+    return _copy(checkpoints, tmp_path, "moe")
 
 
 @pytest.fixture
 def sharded_copy(checkpoints, tmp_path):
-    src, _ = checkpoints("moe_sharded")
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    return dst
+    return _copy(checkpoints, tmp_path, "moe_sharded")
 
 
 def _rewrite(path, drop=(), add=None, reshape=None):

@@ -27,7 +27,7 @@ from ernie_cli.model.cache import CACHE_BLOCK
 from ernie_cli.model.config import ErnieConfig
 from ernie_cli.model.ernie import ErnieForCausalLM, Experts
 from ernie_cli.runtime.decoder import Decoder
-from ernie_cli.weights.loader import activation_bytes, available_bytes, kv_cache_bytes
+from ernie_cli.weights.loader import activation_bytes, available_bytes, kv_cache_bytes, proc_bytes
 
 
 @dataclass(frozen=True)
@@ -254,13 +254,9 @@ def _reset_peak(device: torch.device) -> None:
 def _peak(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    found = proc_bytes("/proc/self/status", "VmHWM")
+    if found is not None:
+        return found
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
