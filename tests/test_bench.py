@@ -174,7 +174,7 @@ def test_commit_names_the_checkout_and_says_when_it_was_changed(tmp_path):
     shutil.copy(bench.__file__, package / "bench.py")
     git("init", "-q")
     assert bench.git_commit(package) is None  # inside a repository that does not track it
-    git("add", "ernie_cli/runtime/benchmark.py")
+    git("add", "ernie_cli/bench.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     assert bench.git_commit(package) == git("rev-parse", "--short=12", "HEAD")
     (package / "bench.py").write_text("# changed\n")
