@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from ernie_cli.quant import formats, native
+from ernie_cli.kernels.cpu import native
+from ernie_cli.quant import formats
 
 kern = native.kernels()
 disk = formats.quantize("int4", torch.randn(64, 3072, 2560) * 0.02, 64)

@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from ernie_cli.quant import formats, native
+from ernie_cli.kernels.cpu import native
+from ernie_cli.quant import formats
 
 torch.set_num_threads(2)
 kern = native.kernels()

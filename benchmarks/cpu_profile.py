@@ -13,19 +13,20 @@ import time
 
 import torch
 
-from ernie_cli.config import parse_config
-from ernie_cli.generate import Decoder
-from ernie_cli.loader import quantize_model, random_model
+from ernie_cli.model.config import parse_config
+from ernie_cli.quant.load import quantize_in_place
+from ernie_cli.quant.spec import QuantSpec
+from ernie_cli.runtime.decoder import Decoder
+from ernie_cli.weights.loader import random_model
 
 torch.set_num_threads(2)
 raw = json.load(open("benchmarks/configs/ERNIE-4.5-21B-A3B-Base-PT.json"))
 cfg = parse_config(raw).replace(num_hidden_layers=3, moe_layer_end_index=2)
-m = quantize_model(random_model(cfg, "cpu", torch.bfloat16), "int4")
-m.setup_cache(1, 64)
+m = quantize_in_place(random_model(cfg, "cpu", torch.bfloat16), QuantSpec.make("int4"))
 ids = torch.randint(3, 1000, (1, 60))
 dec = Decoder(m)
 with torch.inference_mode():
-    m(ids[:, :1], 0)
+    m(ids[:, :1], 0, dec.reserve(64))
     for i in range(1, 6):
         dec(ids[:, i : i + 1], i)
     t = time.perf_counter()

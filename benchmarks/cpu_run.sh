@@ -19,9 +19,9 @@ ernie bench --config $CFG --layers 8 --dtype bfloat16 -t 2 -p 0 -n 64 -r 3 -o js
 python benchmarks/hf_baseline.py $CFG --layers 8 --device cpu --experts grouped_mm -p 64 -n 32 -r 3 > "$OUT/hf_8l.jsonl" 2>> "$OUT/err.txt"
 if [ -n "$BIG" ]; then
   mkdir -p "$BIG"
-  python -c "
+  PYTHONPATH=tests python -c "
 import json, time
-from ernie_cli.quant.synthetic import write_synthetic_checkpoint
+from synthetic import write_synthetic_checkpoint
 t = time.time(); write_synthetic_checkpoint('$BIG/src', json.load(open('$CFG')), shard_bytes=4 << 30)
 print('generated in', round(time.time() - t), 's')" > "$OUT/generate.txt" 2>&1
   /usr/bin/time -v ernie quantize "$BIG/src" "$BIG/int4" --format int4 > "$OUT/quantize.txt" 2> "$OUT/quantize.err"

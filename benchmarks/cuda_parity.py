@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny_models import SHAPES, load_reference, write_checkpoint  # noqa: E402
 
-from ernie_cli.generate import Decoder, generate  # noqa: E402
-from ernie_cli.loader import load_model  # noqa: E402
-from ernie_cli.sampling import Sampler, SamplingParams  # noqa: E402
+from ernie_cli.runtime.decoder import Decoder  # noqa: E402
+from ernie_cli.runtime.generate import generate  # noqa: E402
+from ernie_cli.runtime.sampling import Sampler, SamplingParams  # noqa: E402
+from ernie_cli.weights.loader import load_model, prepare_for_decoding  # noqa: E402
 
 
 def kl(p_logits, q_logits):
@@ -33,14 +34,14 @@ def compiled_vs_eager(shape, m32, m16, prompt):
     runs = []
     for compile in (False, True):
         sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5), m32.config.vocab_size, m32.device)
-        runs.append([s.token for s in generate(m32, prompt, 64, sampler, decoder=Decoder(m32, compile))])
+        runs.append([s.token for s in generate(m32, prompt, 64, sampler, decoder=Decoder(prepare_for_decoding(m32, compile), compile))])
     tok = torch.tensor([prompt], device=m16.device)
     logits = []
     for compile in (False, True):
-        dec = Decoder(m16, compile)
-        m16.setup_cache(1, 64)
+        dec = Decoder(prepare_for_decoding(m16, compile), compile)
+        cache = dec.reserve(64)
         with torch.no_grad():  # teacher-forced, so both runs see the same tokens
-            m16(tok[:, :1], 0)
+            m16(tok[:, :1], 0, cache)
             out = [dec(tok[:, i : i + 1], i) for i in range(1, len(prompt))]
         logits.append(torch.stack(out).float())
     return shape, runs[0] == runs[1], (logits[0] - logits[1]).abs().max().item(), logits[0].abs().max().item()
@@ -60,8 +61,8 @@ def main() -> None:
             ours16 = load_model(path, dev, torch.bfloat16)
             with torch.no_grad():
                 expected = ref(ids).logits
-                diff = (ours32(ids, 0, all_logits=True) - expected).abs().max().item()
-                got16 = ours16(ids, 0, all_logits=True).float()
+                diff = (ours32(ids) - expected).abs().max().item()
+                got16 = ours16(ids).float()
                 ref_out = ref.generate(ids[:1, :9], max_new_tokens=32, min_new_tokens=32, do_sample=False,
                                        repetition_penalty=1.5, eos_token_id=None, pad_token_id=0)
             want = ref_out[0, 9:].tolist()

@@ -20,11 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.quant_cuda_check import kl, run  # noqa: E402
-from ernie_cli import gpu_gemv  # noqa: E402
-from ernie_cli.loader import load_model  # noqa: E402
+from ernie_cli.kernels.triton import gemv as gpu_gemv  # noqa: E402
 from ernie_cli.quant.convert import quantize_checkpoint  # noqa: E402
 from ernie_cli.quant.spec import QuantSpec  # noqa: E402
-from ernie_cli.quant.synthetic import moe_config, write_synthetic_checkpoint  # noqa: E402
+from ernie_cli.weights.loader import load_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic checkpoint writer lives with the tests
+from synthetic import moe_config, write_synthetic_checkpoint  # noqa: E402
 
 STEPS = 32
 

@@ -3,9 +3,8 @@ graph, as the decode step runs them.
 
 Usage (GPU machine): python benchmarks/gpu_gemv_bench.py [FORMAT ...]   (default: float int8 int4)
 A FORMAT ending in + (int8+) lets the tuner of the float/int8 kernel also try the WIDER block shapes;
-int4 times the word kernel (_gemv_int4, ERNIE_INT4_GEMV=words in the product) and int4:bytes the
-byte loop (the default of the float path); int8:dp4a and int4:dp4a time _gemv_dp4a (x rounded to
-int8, what the product runs by default). The chosen shape of every row is printed.
+int8 and int4 time the float kernel's byte loop (x in bf16); int8:dp4a and int4:dp4a time _gemv_dp4a
+(x rounded to int8, what the product runs by default). The chosen shape of every row is printed.
 Each row captures 100 calls in one CUDA graph and reports the median over 20 replays, per call. Calls
 rotate over enough weight copies (or expert sets) that more than 300 MB is read between repeats, so
 the 50 MB L2 cache does not serve them. GB/s = weight bytes one call reads / its time.
@@ -19,7 +18,7 @@ import sys
 import torch
 import triton
 
-from ernie_cli import gpu_gemv
+from ernie_cli.kernels.triton import gemv as gpu_gemv
 from ernie_cli.quant import formats
 
 CALLS, REPLAYS = 100, 20
@@ -77,7 +76,6 @@ def main():
         fmt, wider = name.rstrip("+"), name.endswith("+")  # int8+: the tuner also tries WIDER
         fmt, _, form = fmt.partition(":")
         gpu_gemv.DP4A = form == "dp4a"
-        gpu_gemv.INT4_KERNEL = form if form in ("bytes", "words") else "words"  # plain int4: the word kernel
         gpu_gemv._gemv = triton.autotune(configs=gpu_gemv._configs() + (WIDER if wider else []), key=["N", "K", "P", "FMT"])(KERNEL)
         for label, shape, k, per in MATRICES:
             one, total = make(fmt, shape)
@@ -90,13 +88,12 @@ def main():
                 copies = [one] + [make(fmt, shape)[0] for _ in range(min(CALLS - 1, 300_000_000 // total))]
                 sets = [None] * len(copies)
             x = torch.randn((k, shape[-1]) if per else (shape[-1],), device="cuda", dtype=torch.bfloat16)
-            words = fmt == "int4" and gpu_gemv.INT4_KERNEL != "bytes"
             calls = [
                 (lambda a=copies[i % len(copies)], e=sets[i % len(sets)]: gpu_gemv.gemv(fmt, x, experts=e, per_expert_x=per, **a))
                 for i in range(CALLS)
             ]
             rows.append((name, label, read / 1e6, graph_us(calls)))
-            tuner = gpu_gemv._gemv_dp4a if gpu_gemv.DP4A else gpu_gemv._gemv_int4 if words else gpu_gemv._gemv
+            tuner = gpu_gemv._gemv_dp4a if gpu_gemv.DP4A else gpu_gemv._gemv
             picked.append(f"{name} {label}: {tuner.best_config}")
             copies = one = None
             torch.cuda.empty_cache()

@@ -20,9 +20,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from ernie_cli.config import parse_config
-from ernie_cli.generate import Decoder
-from ernie_cli.loader import quantize_model, random_model
+from ernie_cli.model.config import parse_config
+from ernie_cli.quant.load import quantize_in_place
+from ernie_cli.quant.spec import QuantSpec
+from ernie_cli.runtime.decoder import Decoder
+from ernie_cli.weights.loader import prepare_for_decoding, random_model
 
 KINDS = (  # first match wins
     ("Triton GEMV (gpu_gemv)", ("_gemv",)),
@@ -59,14 +61,14 @@ def main() -> None:
     torch.cuda.synchronize()
     t1 = time.perf_counter()
     if args.quantize:
-        model = quantize_model(model, args.quantize)
+        model = quantize_in_place(model, QuantSpec.make(args.quantize))
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    decoder = Decoder(model, compile=True)
-    model.setup_cache(1, 512)
+    decoder = Decoder(prepare_for_decoding(model, True), compile=True)
+    cache = decoder.reserve(512)
     tok = torch.tensor([[1000]], device="cuda")
     with torch.inference_mode():
-        model(tok, 0)
+        model(tok, 0, cache)
         for p in range(1, 8):  # compile, capture, warm
             decoder(tok, p)
         torch.cuda.synchronize()

@@ -14,8 +14,7 @@
 #   ttft TOKENIZER_DIR [--runs N]   benchmarks/gpu_ttft.py: `ernie complete` start-up, cold and warm
 #
 # LIMIT (seconds, default 540) bounds the run; OUT (default a new temporary directory) keeps its whole
-# output. ERNIE_* switches reach the run, so an A/B on one machine is two calls in one command:
-#   bash benchmarks/gpu_run.sh bench -p 0 --quantize int4; ERNIE_DP4A=0 bash benchmarks/gpu_run.sh bench -p 0 --quantize int4
+# output. ERNIE_TRITON=0 and ERNIE_NATIVE=0 reach the run like any environment variable.
 set -u
 cd "$(dirname "$0")/.."
 MODE=${1:-}; shift || true

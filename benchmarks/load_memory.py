@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/load_memory.py [--gb 1.0] [--dir /tmp/ernie-load-memory]
 Writes a random ERNIE-shaped MoE checkpoint of about --gb GB (hub layout, 2 shards), then loads it
-with ernie_cli.loader.load_model on the CPU in bf16 in a subprocess and prints the child's peak RSS
+with ernie_cli.weights.loader.load_model on the CPU in bf16 in a subprocess and prints the child's peak RSS
 (VmHWM) before and after, against the size on disk.
 """
 
@@ -13,11 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ernie_cli.quant.synthetic import moe_config, write_synthetic_checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic checkpoint writer lives with the tests
+
+from synthetic import moe_config, write_synthetic_checkpoint
 
 CHILD = """
 import json, sys, time, torch
-from ernie_cli.loader import load_model
+from ernie_cli.weights.loader import load_model
 def hwm():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))

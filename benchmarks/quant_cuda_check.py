@@ -22,10 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ernie_cli.loader import load_model  # noqa: E402
 from ernie_cli.quant.convert import quantize_checkpoint  # noqa: E402
 from ernie_cli.quant.spec import QuantSpec  # noqa: E402
-from ernie_cli.quant.synthetic import moe_config, write_synthetic_checkpoint  # noqa: E402
+from ernie_cli.weights.loader import load_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic checkpoint writer lives with the tests
+from synthetic import moe_config, write_synthetic_checkpoint  # noqa: E402
 
 
 def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -36,22 +38,22 @@ def kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def run(model, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = ids.to(model.device)
-    prefill = model(ids, 0, all_logits=True).float().cpu()
-    model.setup_cache(1, ids.shape[1] + 1)
-    model(ids[:1, : ids.shape[1] - steps], 0)
-    decode = [model(ids[:1, p : p + 1], p).float().cpu() for p in range(ids.shape[1] - steps, ids.shape[1])]
+    prefill = model(ids).float().cpu()
+    cache = model.new_cache(1, ids.shape[1] + 1)
+    model(ids[:1, : ids.shape[1] - steps], 0, cache)
+    decode = [model(ids[:1, p : p + 1], p, cache).float().cpu() for p in range(ids.shape[1] - steps, ids.shape[1])]
     return prefill, torch.cat(decode, dim=1)
 
 
 @torch.no_grad()
 def tokens_per_s(model, n: int = 64) -> float:
-    model.setup_cache(1, n + 8)
+    cache = model.new_cache(1, n + 8)
     tok = torch.tensor([[5]], device=model.device)
-    model(torch.tensor([[1, 2, 3, 4]], device=model.device), 0)
+    model(torch.tensor([[1, 2, 3, 4]], device=model.device), 0, cache)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for p in range(4, 4 + n):
-        tok = model(tok, p)[:, -1].argmax(-1, keepdim=True)
+        tok = model(tok, p, cache)[:, -1].argmax(-1, keepdim=True)
     torch.cuda.synchronize()
     return n / (time.perf_counter() - t)
 

@@ -40,7 +40,7 @@ if mode == "quantize":
     info = quantize_checkpoint(src, out, QuantSpec.make(fmt), force=True)
     extra = {"source_bytes": info["source_bytes"], "output_bytes": info["output_bytes"], "shards": info["shards"]}
 else:
-    from ernie_cli.loader import load_model
+    from ernie_cli.weights.loader import load_model
     model = load_model(src, "cpu", torch.bfloat16)
     x = model(torch.tensor([[1, 2, 3, 4]]), 0)
     extra = {}
@@ -74,7 +74,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     args = ap.parse_args()
 
-    from ernie_cli.quant.synthetic import moe_config, write_synthetic_checkpoint
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the synthetic checkpoint writer lives with the tests
+
+    from synthetic import moe_config, write_synthetic_checkpoint
 
     raw = moe_config(
         hidden_size=2560, intermediate_size=12288, num_hidden_layers=args.layers, num_attention_heads=20,

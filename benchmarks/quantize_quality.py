@@ -97,9 +97,9 @@ def weight_error() -> None:
 def tiny_kl() -> None:
     from tiny_models import load_reference, write_checkpoint
 
-    from ernie_cli.loader import load_model
     from ernie_cli.quant.convert import quantize_checkpoint
     from ernie_cli.quant.spec import QuantSpec
+    from ernie_cli.weights.loader import load_model
 
     def kl(p, q):
         p, q = p.double().log_softmax(-1), q.double().log_softmax(-1)
@@ -113,7 +113,7 @@ def tiny_kl() -> None:
             ref = load_reference(src)
             with torch.no_grad():
                 expected = ref(ids).logits
-                bf = load_model(src, "cpu", torch.bfloat16)(ids, 0, all_logits=True).float()
+                bf = load_model(src, "cpu", torch.bfloat16)(ids).float()
             k = kl(expected, bf)
             print(f"{shape:<6} {'bf16 (no quantization)':<26} {k.mean():.2e} / {k.quantile(0.99):.2e} / {100 * (bf.argmax(-1) == expected.argmax(-1)).double().mean():.1f}%")
             for fmt, g, steps in [("int8", None, 0)] + [("int4", g, s) for g in (32, 64, 128) for s in (0, 4)]:
@@ -121,7 +121,7 @@ def tiny_kl() -> None:
                 spec = QuantSpec.make(fmt, g, refine_steps=steps)
                 quantize_checkpoint(src, out, spec)
                 with torch.no_grad():
-                    got = load_model(out, "cpu", torch.float32)(ids, 0, all_logits=True)
+                    got = load_model(out, "cpu", torch.float32)(ids)
                 k = kl(expected, got)
                 label = fmt + (f" g{g} " + ("RTN" if steps == 0 else f"refined x{steps}") if g else "")
                 print(f"{shape:<6} {label:<26} {k.mean():.2e} / {k.quantile(0.99):.2e} / {100 * (got.argmax(-1) == expected.argmax(-1)).double().mean():.1f}%")
@@ -130,7 +130,8 @@ def tiny_kl() -> None:
 def kernel_speed(threads: int = 2) -> None:
     import torch.nn.functional as F
 
-    from ernie_cli.quant.modules import QuantWeight
+    from ernie_cli.kernels import quantized
+    from ernie_cli.quant.weight import QuantWeight
 
     torch.set_num_threads(threads)
     n, k, count = 3072, 2560, 48
@@ -141,7 +142,7 @@ def kernel_speed(threads: int = 2) -> None:
     rows = [("bf16 F.linear", lambda i: F.linear(x, floats[i]), n * k * 2)]
     for fmt, g in (("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128)):
         ws = [QuantWeight(fmt, (n, k), g, "cpu").load(formats.quantize(fmt, floats[i], g, 0), torch.device("cpu")) for i in range(count)]
-        rows.append((fmt + (f" g{g}" if fmt == "int4" else ""), (lambda ws: lambda i: ws[i].mm(x))(ws), ws[0].nbytes()))
+        rows.append((fmt + (f" g{g}" if fmt == "int4" else ""), (lambda ws: lambda i: quantized.matmul(ws[i], x))(ws), ws[0].nbytes()))
     for name, fn, nbytes in rows:
         times = []
         for _ in range(5):

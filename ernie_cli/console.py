@@ -25,7 +25,13 @@ def byte_progress(label: str, quiet: bool = False):
     """(update(done, total), stop()) for a rich bar over bytes, only for a person watching stderr."""
     if quiet or not stderr_is_tty():
         return None, lambda: None
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     bar = Progress(label, BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True)
     task = None

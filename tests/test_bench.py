@@ -16,10 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from ernie_cli.bench import BenchCase, build_tests, run_test, weight_bytes_per_token
-from ernie_cli.config import parse_config
-from ernie_cli.loader import load_model, random_model
-from ernie_cli.model import MoE
+from ernie_cli.model.config import parse_config
+from ernie_cli.model.ernie import MoE
+from ernie_cli.runtime.benchmark import (
+    BenchCase,
+    build_tests,
+    run_test,
+    weight_bytes_per_token,
+)
+from ernie_cli.weights.fuse import shared_into_experts
+from ernie_cli.weights.loader import load_model, random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_CONFIG = ROOT / "benchmarks" / "configs" / "ERNIE-4.5-21B-A3B-Base-PT.json"
@@ -66,7 +72,7 @@ def test_weight_bytes_per_token_by_hand(checkpoints):
     # The CUDA decode graph moves the shared experts into the stack; every token still reads them.
     for layer in model.layers:
         if isinstance(layer.mlp, MoE):
-            layer.mlp.fuse_shared_experts()
+            assert shared_into_experts(layer.mlp)
     assert model.layers[1].mlp.experts.gate_up_proj.shape[0] == e + cfg.num_shared_experts
     assert weight_bytes_per_token(model) == pytest.approx(params * 4, rel=1e-12)
 
@@ -156,7 +162,7 @@ def test_commit_names_the_checkout_and_says_when_it_was_changed(tmp_path):
     import shutil
     import subprocess
 
-    from ernie_cli import bench
+    from ernie_cli.runtime import benchmark as bench
 
     def git(*args):
         return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout.strip()
@@ -288,19 +294,19 @@ def test_option_values_are_checked_before_loading(args, named):
 
 MEASURE_PREFILL = """
 import sys, torch
-from ernie_cli.bench import _peak, _reset_peak
-from ernie_cli.loader import activation_bytes, load_model
+from ernie_cli.runtime.benchmark import _peak, _reset_peak
+from ernie_cli.weights.loader import activation_bytes, load_model
 model = load_model(sys.argv[1], "cpu", torch.float32)
 cpu = torch.device("cpu")
 for tokens, depth in ((4000, 0), (2048, 1024)):
-    model.setup_cache(1, tokens + depth)
+    cache = model.new_cache(1, tokens + depth)
     ids = torch.randint(3, model.config.vocab_size, (1, tokens + depth))
     with torch.inference_mode():
         if depth:
-            model(ids[:, :depth], 0)
+            model(ids[:, :depth], 0, cache, last=-1)
         base = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
         _reset_peak(cpu)
-        model(ids[:, depth:], depth)
+        model(ids[:, depth:], depth, cache, last=-1)
         print(tokens, depth, _peak(cpu) - base, activation_bytes(model.config, tokens, tokens + depth, torch.float32))
 """
 

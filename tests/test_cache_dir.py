@@ -14,17 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from ernie_cli.quant import native
+from ernie_cli.kernels.cpu import native
 
-CACHE_VARIABLES = ("XDG_CACHE_HOME", "ERNIE_KERNEL_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "ERNIE_NATIVE")
+CACHE_VARIABLES = ("XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "ERNIE_NATIVE")
 
 # Prints the native kernel cache, the tokenizer cache and the compilers' caches as ernie sets them,
 # and builds the native kernels where this machine can.
 PROBE = """
 import os
-from ernie_cli.generate import _compile_settings
-from ernie_cli.quant import native
-from ernie_cli.tokenizer import default_cache_dir
+from ernie_cli.runtime.decoder import _compile_settings
+from ernie_cli.kernels.cpu import native
+from ernie_cli.text.tokenizer import default_cache_dir
 _compile_settings()
 print(native._cache_dir())
 print(default_cache_dir())

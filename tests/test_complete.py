@@ -18,7 +18,6 @@ import time
 
 import pytest
 import torch
-
 from tiny_models import load_reference, write_checkpoint
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
@@ -257,7 +256,7 @@ def test_cuda_asked_for_but_absent(model_dir):
 
 
 def test_not_enough_memory_is_refused_before_loading(model_dir, monkeypatch, capsys):
-    import ernie_cli.loader as loader
+    import ernie_cli.weights.loader as loader
     from ernie_cli.cli import main
 
     monkeypatch.setattr(loader, "available_bytes", lambda device: 10 * 1024**2)
@@ -382,7 +381,7 @@ def test_huge_stdin_is_refused_by_size_without_reading_it(model_dir):
 
 def _encode_spy(monkeypatch):
     """The lengths of all texts the tokenizer encodes."""
-    from ernie_cli.tokenizer import ErnieTokenizer
+    from ernie_cli.text.tokenizer import ErnieTokenizer
 
     seen = []
     real = ErnieTokenizer.encode
@@ -414,7 +413,7 @@ def test_prompt_over_the_context_in_tokens_is_refused_without_tokenizing_it_whol
 
 def test_prompt_ids_counted_in_pieces_equal_one_encode(tokenizer_dir):
     """The piecewise count is exact: its ids are those of encoding the text at once."""
-    from ernie_cli.tokenizer import load_tokenizer
+    from ernie_cli.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     parts = ["Hello, world!\n\n", "    indented code()  ", "今天的天气很好，", "🌧️ 😈", "<|end_of_sentence|>", "a" * 50,

@@ -1,4 +1,4 @@
-"""`ernie download` and ernie_cli.hub against a local fake Hub (tests/fake_hub.py), with the real huggingface_hub.
+"""`ernie download` and ernie_cli.weights.hub against a local fake Hub (tests/fake_hub.py), with the real huggingface_hub.
 
 Most cases call the CLI in-process with huggingface_hub's constants patched (they are read at import); the
 ones about environment variables, a killed process and a terminal run `python -m ernie_cli` in a subprocess.
@@ -20,11 +20,16 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub  # tests/ is on sys.path (conftest.py)
-from huggingface_hub import constants, hf_hub_download, snapshot_download, try_to_load_from_cache
+from huggingface_hub import (
+    constants,
+    hf_hub_download,
+    snapshot_download,
+    try_to_load_from_cache,
+)
 
-from ernie_cli import hub as hubmod
 from ernie_cli.cli import main
 from ernie_cli.errors import ErnieError
+from ernie_cli.weights import hub as hubmod
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "ernie-tokenizer"
@@ -472,7 +477,7 @@ def test_complete_runs_from_the_download(env, cli, tmp_path):
     assert hubmod.check_snapshot(path) == []
 
     if (ROOT / "ernie_cli" / "loader.py").exists():
-        from ernie_cli.loader import load_model
+        from ernie_cli.weights.loader import load_model
 
         assert load_model(path, device="cpu", dtype=torch.float32) is not None
     if not (ROOT / "ernie_cli" / "commands" / "complete.py").exists():

@@ -30,7 +30,7 @@ from test_download import (  # noqa: F401 - env and cli are fixtures
     snapshot_files,
 )
 
-from ernie_cli import hub as hubmod
+from ernie_cli.weights import hub as hubmod
 
 FAST = {"HF_HUB_ETAG_TIMEOUT": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "1"}
 

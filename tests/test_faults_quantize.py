@@ -443,7 +443,7 @@ def test_source_with_tokenizer_carries_it_into_the_output(src, tmp_path, capsys)
     code, stdout, err = run(["quantize", str(src), str(out), "--format", "int8"], capsys)
     assert code == 0 and "warning" not in err
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
-    from ernie_cli.tokenizer import load_tokenizer
+    from ernie_cli.text.tokenizer import load_tokenizer
 
     assert load_tokenizer(out).encode("a a") == [1, 1]
 

@@ -1,4 +1,4 @@
-"""The decode attention kernels (ernie_cli/gpu_attention.py) against float64 arithmetic and against
+"""The decode attention kernels (ernie_cli/kernels/triton/attention.py) against float64 arithmetic and against
 the masked SDPA the decode graph used before them.
 
 Skipped without CUDA and Triton; run on the GPU machine with `pytest tests/test_gpu_attention.py`.
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ernie_cli import gpu_attention
+from ernie_cli.kernels.triton import attention as gpu_attention
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_attention.triton is not None), reason="needs a CUDA GPU and Triton")
 

@@ -12,8 +12,10 @@ import os
 import pytest
 import torch
 
-from ernie_cli import gpu_attention
-from ernie_cli.model import apply_rope, rope_table
+from ernie_cli.kernels import ops
+from ernie_cli.kernels.ops import rope_in_torch
+from ernie_cli.kernels.triton import attention as gpu_attention
+from ernie_cli.model.ernie import rope_table
 
 DEVICE = os.environ.get("DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(
@@ -48,8 +50,8 @@ def test_rotates_writes_and_attends(dtype, heads, kv, dim, capacity, pos, trig):
     cos_table, sin_table = rope_table(dim, 500000.0, capacity)
     cos, sin = cos_table[pos : pos + 1], sin_table[pos : pos + 1]
     # the model's own RoPE, as the torch path of Attention.forward applies it
-    q_rot = apply_rope(q.transpose(1, 2), cos, sin)
-    k_rot = apply_rope(k.transpose(1, 2), cos, sin)
+    q_rot = rope_in_torch(q, cos, sin).transpose(1, 2)
+    k_rot = rope_in_torch(k, cos, sin).transpose(1, 2)
     keys, values = cache_k.clone(), cache_v.clone()
     keys[:, :, pos], values[:, :, pos] = k_rot[:, :, 0], v[:, 0]
 
@@ -123,15 +125,16 @@ def test_compiled_writes_into_the_cache_in_place():
 
 def test_attention_layer_takes_the_operator_in_the_decode_step(monkeypatch):
     """model.Attention's decode-graph branch (a position tensor): the same caches, bit for bit, as
-    its torch branch (RoPE in torch, KVCache.write_at, masked SDPA), and outputs within fp16's
+    its torch branch (RoPE in torch, index_copy_ into the cache, masked SDPA), and outputs within fp16's
     rounding of the attention (the kernel rounds the softmax weights before the product with V).
     The full model's attention shape: 20 query heads, 4 KV heads of 128."""
     import copy
     import json
     from pathlib import Path
 
-    from ernie_cli.config import parse_config
-    from ernie_cli.model import Attention, KVCache
+    from ernie_cli.model.cache import LayerCache
+    from ernie_cli.model.config import parse_config
+    from ernie_cli.model.ernie import Attention
 
     raw = json.loads((Path(__file__).parent.parent / "benchmarks/configs/ERNIE-4.5-21B-A3B-Base-PT.json").read_text())
     cfg = parse_config(raw)
@@ -143,8 +146,8 @@ def test_attention_layer_takes_the_operator_in_the_decode_step(monkeypatch):
     fused = fused.to(DEVICE, torch.float16)
     plain = copy.deepcopy(fused)
     capacity = 256
-    for attn in (fused, plain):
-        attn.cache = KVCache(1, cfg.num_key_value_heads, capacity, cfg.head_dim, torch.float16, DEVICE)
+    shape = (1, cfg.num_key_value_heads, capacity, cfg.head_dim)
+    fused_cache, plain_cache = LayerCache(shape, torch.float16, DEVICE), LayerCache(shape, torch.float16, DEVICE)
     cos_table, sin_table = (t.to(DEVICE) for t in rope_table(cfg.head_dim, cfg.rope_theta, capacity, DEVICE))
     pos = torch.zeros(1, dtype=torch.long, device=DEVICE)
     gen = torch.Generator().manual_seed(1)
@@ -152,14 +155,14 @@ def test_attention_layer_takes_the_operator_in_the_decode_step(monkeypatch):
         for t in range(6):
             pos.fill_(t)
             x = torch.randn(1, 1, cfg.hidden_size, generator=gen).to(DEVICE, torch.float16)
-            # the whole tables, as decode_step gives them; the torch branch takes the row at pos
-            monkeypatch.setattr(gpu_attention, "writes_cache", lambda q, k: True)
-            got = fused(x, cos_table, sin_table, pos).float().cpu()
-            monkeypatch.setattr(gpu_attention, "writes_cache", lambda q, k: False)
+            # the whole tables, as the decode step gives them; the torch branch takes the row at pos
+            monkeypatch.setattr(ops, "TRITON", True)
+            monkeypatch.setattr(gpu_attention, "usable", lambda q, k: True)
+            got = fused(x, cos_table, sin_table, pos, fused_cache).float().cpu()
             monkeypatch.setattr(gpu_attention, "usable", lambda q, k: False)  # the masked SDPA
-            want = plain(x, cos_table, sin_table, pos).float().cpu()
+            want = plain(x, cos_table, sin_table, pos, plain_cache).float().cpu()
             monkeypatch.undo()
-            assert torch.equal(fused.cache.k[:, :, : t + 1].cpu(), plain.cache.k[:, :, : t + 1].cpu()), t
-            assert torch.equal(fused.cache.v[:, :, : t + 1].cpu(), plain.cache.v[:, :, : t + 1].cpu()), t
+            assert torch.equal(fused_cache.k[:, :, : t + 1].cpu(), plain_cache.k[:, :, : t + 1].cpu()), t
+            assert torch.equal(fused_cache.v[:, :, : t + 1].cpu(), plain_cache.v[:, :, : t + 1].cpu()), t
             scale = want.abs().max().item()
             assert (got - want).abs().max().item() <= 2.0**-8 * scale, t

@@ -10,8 +10,11 @@ last bits, and a bf16 result by one rounding step where the float32 value sits n
 import pytest
 import torch
 
-from ernie_cli import gpu_dequant, gpu_elementwise, gpu_gemv
-from ernie_cli.model import RMSNorm, apply_rope, rope_table
+from ernie_cli.kernels.ops import rope_in_torch
+from ernie_cli.kernels.triton import dequant as gpu_dequant
+from ernie_cli.kernels.triton import elementwise as gpu_elementwise
+from ernie_cli.kernels.triton import gemv as gpu_gemv
+from ernie_cli.model.ernie import RMSNorm, rope_table
 from ernie_cli.quant import formats
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and gpu_gemv.triton is not None), reason="needs a CUDA GPU and Triton")
@@ -45,7 +48,7 @@ def test_rope_kernel_is_bit_exact(dtype):
     for lo, heads in ((0, 20), (2560, 4)):
         x = qkv[:, lo : lo + heads * 128].view(9, heads, 128)
         got = gpu_elementwise.rope(x, c, s)
-        ref = apply_rope(x.transpose(0, 1), c, s).transpose(0, 1)
+        ref = rope_in_torch(x[None], c, s)[0]
         assert torch.equal(got, ref)
 
 

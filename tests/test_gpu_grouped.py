@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from ernie_cli import gpu_grouped
+from ernie_cli.kernels.triton import grouped as gpu_grouped
 
 DEVICE = os.environ.get("DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(
@@ -56,11 +56,11 @@ def test_rows_of_each_expert_times_its_weight(dtype, eps, swiglu, block, n, k):
 
 @pytest.mark.parametrize("always", [0, 2])
 def test_prefill_experts_through_the_kernels(always, monkeypatch):
-    """model.run_grouped_mm (the prefill's MoE) on these kernels against transformers' order of
-    work in float64 (model.run_grouped, one expert at a time): 40 tokens, top 4 of 6 experts, and
+    """ops.run_grouped_mm (the prefill's MoE) on these kernels against transformers' order of
+    work in float64 (ops.run_grouped, one expert at a time): 40 tokens, top 4 of 6 experts, and
     with always=2 two more experts every token takes at weight 1 (the shared experts in the stack).
     fp16 so that the interpreter can run it; the bound is the two products' roundings."""
-    from ernie_cli import model
+    from ernie_cli.kernels import ops
 
     if DEVICE != "cuda":  # the interpreter: no tuner
         monkeypatch.setattr(gpu_grouped, "usable", lambda x: True)
@@ -81,9 +81,9 @@ def test_prefill_experts_through_the_kernels(always, monkeypatch):
         return (torch.nn.functional.silu(gate) * up) @ down[n].double().T
 
     half = [v.half() for v in (x, gate_up, down)]
-    ref = model.run_grouped(expert, e + always, half[0].double(), weights.double(), idx)
+    ref = ops.run_grouped(expert, e + always, half[0].double(), weights.double(), idx)
     dev = [v.to(DEVICE) for v in half]
-    got = model.run_grouped_mm(dev[0], weights.half().to(DEVICE), idx.to(DEVICE), dev[1], dev[2]).cpu().double()
+    got = ops.run_grouped_mm(dev[0], weights.half().to(DEVICE), idx.to(DEVICE), dev[1], dev[2]).cpu().double()
     assert got.shape == (t, h)
     assert (got - ref).abs().max() <= 2.0**-9 * ref.abs().max()
 

@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
-
-from ernie_cli.config import load_config, parse_config
-from ernie_cli.errors import ErnieError
-from ernie_cli.loader import load_model
 from tiny_models import edit_config, write_checkpoint
+
+from ernie_cli.errors import ErnieError
+from ernie_cli.model.config import load_config, parse_config
+from ernie_cli.weights.loader import load_model
 
 REAL_CONFIG = {
     # The 21B-A3B values in Baidu's original style (../shared/docs/ernie-architecture.md §1.1).
@@ -85,20 +85,21 @@ def test_bad_configs_are_refused_naming_the_key(change, key):
         parse_config(raw)
 
 
+def _copy(checkpoints, tmp_path, shape):
+    """A writable copy of a shared checkpoint, for tests that damage it."""
+    dst = tmp_path / "model"
+    shutil.copytree(checkpoints(shape)[0], dst)
+    return dst
+
+
 @pytest.fixture
 def moe_copy(checkpoints, tmp_path):
-    src, _ = checkpoints("moe")
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    return dst
+    return _copy(checkpoints, tmp_path, "moe")
 
 
 @pytest.fixture
 def sharded_copy(checkpoints, tmp_path):
-    src, _ = checkpoints("moe_sharded")
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    return dst
+    return _copy(checkpoints, tmp_path, "moe_sharded")
 
 
 def _rewrite(path, drop=(), add=None, reshape=None):
@@ -135,7 +136,7 @@ def test_mtp_and_tied_head_tensors_are_skipped(moe_copy, checkpoints):
     model = load_model(moe_copy, "cpu", torch.float32)
     ids = torch.arange(3, 20)[None]
     with torch.no_grad():
-        assert (model(ids, 0, all_logits=True) - ref(ids).logits).abs().max() < 1e-4
+        assert (model(ids) - ref(ids).logits).abs().max() < 1e-4
 
 
 def test_wrong_shape(moe_copy):
@@ -195,7 +196,7 @@ def test_config_and_weights_disagree(moe_copy):
 
 
 def test_model_too_big_for_memory_is_refused_before_loading(moe_copy, monkeypatch):
-    import ernie_cli.loader as loader
+    import ernie_cli.weights.loader as loader
 
     monkeypatch.setattr(loader, "available_bytes", lambda device: 1000)
     with pytest.raises(ErnieError, match=r"needs about .* GiB but only 0.0 GiB is free on cpu: use a quantized copy"):
@@ -210,7 +211,7 @@ def test_untied_checkpoint_loads_its_own_head(tmp_path):
     model = load_model(path, "cpu", torch.float32)
     ids = torch.arange(3, 30)[None]
     with torch.no_grad():
-        assert (model(ids, 0, all_logits=True) - ref(ids).logits).abs().max() < 1e-4
+        assert (model(ids) - ref(ids).logits).abs().max() < 1e-4
 
 
 def test_building_the_model_draws_no_random_weights(monkeypatch, checkpoints):

@@ -3,11 +3,13 @@
 
 import pytest
 import torch
-
-from ernie_cli.generate import generate
-from ernie_cli.loader import load_model
-from ernie_cli.sampling import Sampler, SamplingParams
 from tiny_models import SHAPES
+
+from ernie_cli.kernels import ops
+from ernie_cli.runtime.generate import generate
+from ernie_cli.runtime.sampling import Sampler, SamplingParams
+from ernie_cli.weights.fuse import fuse_for_decode, shared_into_experts
+from ernie_cli.weights.loader import load_model
 
 TOL = 1e-4
 
@@ -23,14 +25,14 @@ def test_full_forward_logits_match_transformers(checkpoints, shape):
     ids = _prompt(batch=2)
     with torch.no_grad():
         expected = ref(ids).logits
-        got = ours(ids, 0, all_logits=True)
+        got = ours(ids)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < TOL
 
 
 def test_checkpoint_layouts_really_differ(checkpoints):
     """The hub layout stores one tensor per expert; the fused one stacks them (guards the fixtures)."""
-    from ernie_cli.checkpoint import Checkpoint
+    from ernie_cli.weights.checkpoint import Checkpoint
 
     hub = Checkpoint(checkpoints("moe")[0]).tensors
     fused = Checkpoint(checkpoints("moe_fused_names")[0]).tensors
@@ -50,10 +52,10 @@ def test_correction_bias_is_nonzero_and_matters(checkpoints):
     assert bias.abs().max() > 0
     ids = _prompt()
     with torch.no_grad():
-        before = ours(ids, 0, all_logits=True)
+        before = ours(ids)
         for layer in ours.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.zero_()
-        after = ours(ids, 0, all_logits=True)
+        after = ours(ids)
     assert (before - after).abs().max() > 1e-3
 
 
@@ -63,12 +65,12 @@ def test_incremental_decoding_matches_full_forward(checkpoints, shape):
     model = load_model(path, "cpu", torch.float32)
     ids = _prompt(n=20)
     with torch.no_grad():
-        full = model(ids, 0, all_logits=True)
-        model.setup_cache(1, 32)
-        parts = [model(ids[:, :8], 0, all_logits=True)]  # prefill
-        parts.append(model(ids[:, 8:13], 8, all_logits=True))  # a chunk onto a filled cache
+        full = model(ids)
+        model_cache = model.new_cache(1, 32)
+        parts = [model(ids[:, :8], 0, model_cache)]  # prefill
+        parts.append(model(ids[:, 8:13], 8, model_cache))  # a chunk onto a filled cache
         for p in range(13, 20):  # one token at a time
-            parts.append(model(ids[:, p : p + 1], p, all_logits=True))
+            parts.append(model(ids[:, p : p + 1], p, model_cache))
     assert (torch.cat(parts, dim=1) - full).abs().max().item() < TOL
 
 
@@ -80,8 +82,8 @@ def test_gathered_and_grouped_expert_paths_agree(checkpoints):
     x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         w, idx = moe.gate(x)
-        a = moe.experts.gathered(x, w, idx)
-        b = moe.experts.grouped(x, w, idx)
+        a = ops.gathered(x, w, idx, moe.experts.gate_up_proj, moe.experts.down_proj)
+        b = ops.grouped(x, w, idx, moe.experts.gate_up_proj, moe.experts.down_proj)
     assert (a - b).abs().max().item() < 1e-5
 
 
@@ -89,17 +91,15 @@ def test_gathered_and_grouped_expert_paths_agree(checkpoints):
 def test_grouped_mm_prefill_path_agrees_in_bf16(checkpoints, tokens):
     """The GPU prefill path (two grouped GEMMs) against the per-expert loop, both in bf16 on CPU.
     Two tokens leave experts without tokens: their groups must be empty, not shifted."""
-    from ernie_cli.model import GROUPED_MM
-
-    if GROUPED_MM is None:
+    if ops.GROUPED_MM is None:
         pytest.skip("this torch has no grouped_mm")
     path, _ = checkpoints("moe")
     moe = load_model(path, "cpu", torch.bfloat16).layers[1].mlp
     x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
     with torch.no_grad():
         w, idx = moe.gate(x)
-        a = moe.experts.grouped(x, w, idx).float()
-        b = moe.experts.grouped_mm(x, w, idx).float()
+        a = ops.grouped(x, w, idx, moe.experts.gate_up_proj, moe.experts.down_proj).float()
+        b = ops.grouped_mm(x, w, idx, moe.experts.gate_up_proj, moe.experts.down_proj).float()
     assert (a - b).abs().max().item() < 2 ** -7 * a.abs().max().item()  # a few bf16 roundings apart
 
 
@@ -149,7 +149,7 @@ def test_bf16_close_to_fp32_reference(checkpoints):
     ids = _prompt(n=64, batch=4)
     with torch.no_grad():
         expected = ref(ids).logits
-        got = model(ids, 0, all_logits=True).float()
+        got = model(ids).float()
         theirs = ref_bf16(ids).logits.float()
     ours_kl, their_kl = _kl(expected, got).mean().item(), _kl(expected, theirs).mean().item()
     assert ours_kl < 1e-3
@@ -159,57 +159,56 @@ def test_bf16_close_to_fp32_reference(checkpoints):
 
 @pytest.mark.parametrize("shape", ["dense", "moe"])
 def test_fused_qkv_projection_matches_transformers(checkpoints, shape):
-    """The decode graph's one q/k/v matrix (Attention.fuse_qkv) computes what the three did."""
+    """The decode graph's one q/k/v matrix (fuse.fuse_qkv) computes what the three did."""
     path, ref = checkpoints(shape)
     ours = load_model(path, "cpu", torch.float32)
     before = sum(p.numel() for p in ours.parameters())
-    ours.fuse_projections()
+    fuse_for_decode(ours)
     attn = ours.layers[0].self_attn
     assert attn.qkv_proj is not None and not hasattr(attn, "q_proj")
     assert sum(p.numel() for p in ours.parameters()) == before  # moved, not copied
     ids = _prompt(batch=2)
     with torch.no_grad():
-        assert (ours(ids, 0, all_logits=True) - ref(ids).logits).abs().max().item() < TOL
+        assert (ours(ids) - ref(ids).logits).abs().max().item() < TOL
 
 
 @pytest.mark.parametrize("shape", ["moe", "moe_wide"])
 def test_shared_experts_moved_into_the_expert_stack_match_transformers(checkpoints, shape):
-    """MoE.fuse_shared_experts, which the CUDA decode graph uses, run here in float32: the shared MLP
+    """fuse.shared_into_experts, which the CUDA decode graph uses, run here in float32: the shared MLP
     split into num_shared more experts that every token takes must give transformers' logits, through
     the grouped expert path (prefill) and the gathered one (the decode graph's)."""
-    from ernie_cli.model import MoE
+    from ernie_cli.model.ernie import MoE
 
     path, ref = checkpoints(shape)
     ours = load_model(path, "cpu", torch.float32)
     plain = load_model(path, "cpu", torch.float32)
     moes = [layer.mlp for layer in ours.layers if isinstance(layer.mlp, MoE)]
     for moe in moes:
-        moe.fuse_shared_experts()
+        assert shared_into_experts(moe)
         assert moe.shared_experts is None and moe.experts.gate_up_proj.shape[0] == moe.gate.weight.shape[0] + 2 and moe.gate.always == 2
     ids = _prompt(batch=2)
     x = torch.randn(1, ours.config.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert (ours(ids, 0, all_logits=True) - ref(ids).logits).abs().max().item() < TOL
-        moes[0].experts.forward = moes[0].experts.gathered
+        assert (ours(ids) - ref(ids).logits).abs().max().item() < TOL
+        stack = moes[0].experts
+        stack.forward = lambda x, w, i: ops.gathered(x, w, i, stack.gate_up_proj, stack.down_proj)
         assert (moes[0](x[None]) - plain.layers[1].mlp(x[None])).abs().max().item() < 1e-5
 
 
 def test_router_logits_as_a_sum_in_the_compiled_step_match_transformers(checkpoints, monkeypatch):
-    """The CUDA decode graph takes the router's logits as gpu_router.one_token_logits (a product and a
+    """The CUDA decode graph takes the router's logits as a product and a
     sum, which Inductor makes one kernel) instead of F.linear. Here that branch is forced on the CPU,
     compiled as on CUDA: teacher-forced one-token steps must give transformers' logits within TOL."""
-    from ernie_cli import gpu_router
-    from ernie_cli.generate import Decoder
+    from ernie_cli.runtime.decoder import Decoder
 
     path, ref = checkpoints("moe")
     model = load_model(path, "cpu", torch.float32)
-    monkeypatch.setattr(gpu_router, "sums_logits", lambda x: x.shape[0] == 1 and torch.compiler.is_compiling())
+    monkeypatch.setattr(ops, "logits_as_sum", lambda x: x.shape[0] == 1 and torch.compiler.is_compiling())
     ids = _prompt(n=12)
     with torch.no_grad():
         expected = ref(ids).logits[0]
-        model.setup_cache(1, 16)
-        model(ids[:, :4], 0)
         decoder = Decoder(model, compile=True)
+        model(ids[:, :4], 0, decoder.reserve(16))
         steps = torch.stack([decoder(ids[:, p : p + 1], p).reshape(-1) for p in range(4, 12)])
     assert (steps - expected[4:12]).abs().max().item() < TOL
 
@@ -220,7 +219,7 @@ def test_selected_experts_are_weighed_and_added_once_rounded(dtype, eps):
     adds a token's 8 weighed expert outputs one by one in float32 (so that Inductor can fold them into
     the next norm's kernel) and rounds once: float64 of the same outputs and weights, within the
     output dtype's rounding."""
-    from ernie_cli.model import run_selected
+    from ernie_cli.kernels.ops import run_selected
 
     gen = torch.Generator().manual_seed(5)
     h, e, k = 96, 10, 8

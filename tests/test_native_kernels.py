@@ -1,4 +1,4 @@
-"""The native AVX-512 VNNI int kernels (ernie_cli/quant/cpu_kernels.c) against float64 arithmetic.
+"""The native AVX-512 VNNI int kernels (ernie_cli/kernels/cpu/int_kernels.c) against float64 arithmetic.
 
 They quantize the activations to int8 per block of 64 (scale d = max|x| / 127), so each product
 differs from the exact one by at most sum over blocks of d/2 * sum |w - offset| (the rounding of
@@ -10,8 +10,11 @@ by element, with 1e-5 of sum |x||w| for the float32 part.
 import pytest
 import torch
 
-from ernie_cli.quant import formats, native
-from ernie_cli.quant.modules import QuantWeight, choose_backend
+from ernie_cli.kernels import quantized
+from ernie_cli.kernels.cpu import native
+from ernie_cli.kernels.ops import choose_backend
+from ernie_cli.quant import formats
+from ernie_cli.quant.weight import QuantWeight
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason="the native int kernels need an x86 CPU with AVX-512 VNNI and a C compiler")
 
@@ -107,7 +110,7 @@ def test_quant_weight_uses_the_native_backend_where_the_shape_suits():
     assert torch.equal(weight.qweight, disk["qweight"])  # the disk layout, no repacking
     x = torch.randn(2, 128, dtype=torch.bfloat16)
     w, moving = _bound_terms("int4", disk, 64)
-    y = weight.mm(x, 1)
+    y = quantized.matmul(weight, x, 1)
     assert y.dtype == torch.bfloat16
     _check(y, x, w[1], moving[1], out_rounding=2.0**-8)  # the bf16 output adds one rounding
 
@@ -116,29 +119,29 @@ def test_turned_off_or_unbuildable_falls_back_to_torch_kernels(monkeypatch, tmp_
     monkeypatch.setenv("ERNIE_NATIVE", "0")
     native.kernels.cache_clear()
     try:
-        assert native.kernels() is None
         assert choose_backend("int4", 64, torch.device("cpu"), 2560) == "cpu"
         monkeypatch.setenv("ERNIE_NATIVE", "1")
         monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-        monkeypatch.setenv("ERNIE_KERNEL_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
         native.kernels.cache_clear()
         assert native.kernels() is None
-        assert list((tmp_path / "cache").glob("*")) == []  # no half-written library left behind
+        assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []  # no half-written library left behind
     finally:
         native.kernels.cache_clear()
 
 
 def test_build_is_cached_under_a_content_hash(monkeypatch, tmp_path):
-    monkeypatch.setenv("ERNIE_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     native.kernels.cache_clear()
     try:
         assert native.kernels() is not None
-        built = list(tmp_path.iterdir())
+        folder = tmp_path / "ernie" / "kernels"
+        built = list(folder.iterdir())
         assert len(built) == 1 and built[0].suffix == ".so"
         stamp = built[0].stat().st_mtime_ns
         native.kernels.cache_clear()
         assert native.kernels() is not None
-        assert [p.stat().st_mtime_ns for p in tmp_path.iterdir()] == [stamp]  # loaded, not rebuilt
+        assert [p.stat().st_mtime_ns for p in folder.iterdir()] == [stamp]  # loaded, not rebuilt
     finally:
         native.kernels.cache_clear()
 
@@ -187,6 +190,6 @@ def test_prefill_expands_to_floats_and_decode_stays_integer(fmt, monkeypatch):
     for m in (native.PREFILL_TOKENS - 1, native.PREFILL_TOKENS):
         calls.clear()
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
-        y = weight.mm(x)
+        y = quantized.matmul(weight, x)
         assert calls == (["dequantize"] if m >= native.PREFILL_TOKENS else [fmt])
         _check(y, x, w, moving)

@@ -7,9 +7,10 @@ minus the capture. The CUDA tests compare the replayed graph with the eager pref
 import pytest
 import torch
 
-from ernie_cli.generate import Decoder, PrefillGraphs, generate
-from ernie_cli.loader import load_model
-from ernie_cli.sampling import Sampler, SamplingParams
+from ernie_cli.runtime.decoder import Decoder, PrefillGraphs, prefill_waits_for_host
+from ernie_cli.runtime.generate import generate
+from ernie_cli.runtime.sampling import Sampler, SamplingParams
+from ernie_cli.weights.loader import load_model
 
 TOL = 1e-4
 
@@ -29,9 +30,8 @@ def test_padded_prefill_logits_match_transformers(checkpoints, shape, n):
     ids = _prompt(n)
     with torch.no_grad():
         expected = ref(ids).logits[:, -1]
-        got = graphs(ids)
+        got = graphs(ids, model.new_cache(1, graphs.length_for(n)))
     assert graphs.length_for(n) == (32 if n <= 32 else 64)
-    assert model.max_seq >= graphs.length_for(n)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < TOL
 
@@ -42,8 +42,9 @@ def test_padding_reaches_the_cache(checkpoints):
     path, _ = checkpoints("moe")
     model = load_model(path, "cpu", torch.float32)
     with torch.no_grad():
-        PrefillGraphs(model, capture=False)(_prompt(9))
-    k = model.layers[0].self_attn.cache.k
+        cache = model.new_cache(1, 32)
+        PrefillGraphs(model, capture=False)(_prompt(9), cache)
+    k = cache.layers[0].k
     assert k[:, :, 9:32].abs().sum() > 0 and k[:, :, 32:].abs().sum() == 0
 
 
@@ -51,7 +52,7 @@ def test_padding_reaches_the_cache(checkpoints):
 @pytest.mark.parametrize("shape", ["moe", "dense"])
 def test_greedy_after_padded_prefill_identical_to_transformers(checkpoints, shape, graph_step):
     """32 greedy tokens after a padded prefill, decoded through the cache that holds the padding's
-    keys past the prompt: eagerly (which reads the filled part) and through decode_step, the code the
+    keys past the prompt: eagerly (which reads the filled part) and through the decoder's step, the code the
     CUDA graph runs (which attends over the whole buffer, masking what is past the position)."""
     path, ref = checkpoints(shape)
     ids = _prompt(9, seed=11)
@@ -61,16 +62,16 @@ def test_greedy_after_padded_prefill_identical_to_transformers(checkpoints, shap
     expected = out[0, ids.shape[1]:].tolist()
     model = load_model(path, "cpu", torch.float32)
     decoder = Decoder(model, prefill_graphs=PrefillGraphs(model, capture=False))
-    if graph_step:  # decode_step uncompiled: the graph's code, run eagerly
+    if graph_step:  # the step uncompiled: the graph's code, run eagerly
         decoder.compiled, decoder.pos = True, torch.zeros(1, dtype=torch.long)
-        decoder.step = model.decode_step
+        decoder.step = decoder._step
     sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5), model.config.vocab_size, model.device)
     got = [s.token for s in generate(model, ids[0].tolist(), 32, sampler, decoder=decoder)]
     assert got == expected
     assert len(set(expected)) > 8
 
 
-def test_longer_prompts_and_later_chunks_run_eagerly(checkpoints):
+def test_longer_prompts_and_later_chunks_run_eagerly(checkpoints, monkeypatch):
     """Only a prompt from position 0 that fits the longest length is padded; the rest is the plain
     forward (whose parity tests are in test_model_parity.py)."""
     path, ref = checkpoints("moe")
@@ -80,9 +81,8 @@ def test_longer_prompts_and_later_chunks_run_eagerly(checkpoints):
     decoder = Decoder(model, prefill_graphs=graphs)
     ids = _prompt(40)
     calls = []
-    model.prefill_at = lambda *a: calls.append(a)  # must not be reached
+    monkeypatch.setattr(PrefillGraphs, "__call__", lambda *a: calls.append(a))  # must not be reached
     with torch.no_grad():
-        model.setup_cache(1, 64)
         got = decoder.prefill(ids)
         assert (got - ref(ids).logits[:, -1]).abs().max().item() < TOL
         decoder.prefill(ids[:, 30:], 30)
@@ -97,7 +97,7 @@ def test_a_failed_capture_falls_back_to_the_eager_prefill(checkpoints, monkeypat
     graphs = PrefillGraphs(model, capture=False)
     graphs.capture = True  # as on CUDA, with a capture that fails
 
-    def fail(n):
+    def fail(n, cache):
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
     monkeypatch.setattr(graphs, "_capture", fail)
@@ -121,7 +121,7 @@ def test_what_waits_for_the_host(checkpoints):
     be a graph; a dense model has no such step."""
     moe = load_model(checkpoints("moe")[0], "cpu", torch.float32)
     dense = load_model(checkpoints("dense")[0], "cpu", torch.float32)
-    assert moe.prefill_waits_for_host() and not dense.prefill_waits_for_host()
+    assert prefill_waits_for_host(moe) and not prefill_waits_for_host(dense)
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -139,22 +139,23 @@ def test_replayed_prefill_matches_the_eager_prefill_on_the_gpu(checkpoints, shap
     the group sizes back, so the MoE runs in bf16 (the grouped GEMMs)."""
     path, ref = checkpoints(shape)
     model = load_model(path, "cuda", dtype)
-    assert not model.prefill_waits_for_host()
+    assert not prefill_waits_for_host(model)
     graphs = PrefillGraphs(model)
     eager = PrefillGraphs(model, capture=False)
+    cache = model.new_cache(1, 128)
     for n in (9, 20, 32, 33, 100):
         ids = _prompt(n, seed=n).cuda()
-        got = graphs(ids)
-        want = eager(ids)
+        got = graphs(ids, cache)
+        want = eager(ids, cache)
         _assert_same(got, want, dtype, n)
         if dtype == torch.float32:
             with torch.no_grad():
                 assert (got.cpu() - ref(ids.cpu()).logits[:, -1]).abs().max().item() < TOL
     assert sorted(graphs.graphs) == [32, 64, 128]
-    model.setup_cache(1, 4096)  # a new cache: the graphs must be captured again against it
+    cache = model.new_cache(1, 4096)  # a new cache: the graphs must be captured again against it
     ids = _prompt(9).cuda()
-    _assert_same(graphs(ids), eager(ids), dtype, 9)
-    assert sorted(graphs.graphs) == [32] and graphs._cache() is model.layers[0].self_attn.cache.k
+    _assert_same(graphs(ids, cache), eager(ids, cache), dtype, 9)
+    assert sorted(graphs.graphs) == [32] and graphs._cache() is cache
 
 
 def _assert_same(got, want, dtype, n):
@@ -166,7 +167,7 @@ def _assert_same(got, want, dtype, n):
 @cuda
 def test_float32_experts_keep_the_eager_prefill_on_the_gpu(checkpoints):
     model = load_model(checkpoints("moe")[0], "cuda", torch.float32)
-    assert model.prefill_waits_for_host()
+    assert prefill_waits_for_host(model)
     assert Decoder(model, compile=True).prefill_graphs is None
 
 

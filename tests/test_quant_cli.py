@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ernie_cli.cli import main
-from ernie_cli.loader import load_model
 from ernie_cli.quant.evaluate import compare
+from ernie_cli.weights.loader import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from ernie_cli.kernels import quantized
 from ernie_cli.quant import formats
-from ernie_cli.quant.modules import QuantWeight
+from ernie_cli.quant.weight import QuantWeight
 
 
 def _weights(shape, seed=0, heavy=False):
@@ -117,7 +118,7 @@ def test_quantized_shapes_match_what_quantize_makes():
 def _check_mm(weight: QuantWeight, disk: dict, x: torch.Tensor, expert=None):
     fmt, g = weight.fmt, weight.group_size
     ref_w = formats.dequantize(fmt, {k: (v if expert is None else v[expert]) for k, v in disk.items()}, g, torch.float64)
-    y = weight.mm(x, expert).double()
+    y = quantized.matmul(weight, x, expert).double()
     ref = x.double() @ ref_w.T
     # bf16 activations (relative 2^-9 each) and a bf16 output: bounded by 2^-8 of sum |x||w|.
     bound = 4e-3 * (x.double().abs() @ ref_w.abs().T) + 1e-6
@@ -152,7 +153,7 @@ def test_stacked_experts_keep_each_expert(fmt):
 
 def test_int4_cpu_layout_shuffle_equals_torchs_converter():
     """The load-time byte shuffle (from the disk layout, and from codes) against torch's own converter."""
-    from ernie_cli.quant.modules import _cpu_block, _repack_disk_bytes, cpu_int4_pack
+    from ernie_cli.quant.weight import _cpu_block, _repack_disk_bytes, cpu_int4_pack
 
     codes = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(7), dtype=torch.uint8)
     ref = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 8)

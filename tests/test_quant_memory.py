@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from ernie_cli.quant.synthetic import moe_config, write_synthetic_checkpoint
+from synthetic import moe_config, write_synthetic_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -26,7 +25,7 @@ import json, sys
 import torch
 from ernie_cli.quant.convert import quantize_checkpoint
 from ernie_cli.quant.spec import QuantSpec
-from ernie_cli.loader import load_model
+from ernie_cli.weights.loader import load_model
 def hwm():  # this process's own peak RSS; ru_maxrss would include the parent's at fork time
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))

@@ -10,11 +10,13 @@ dense int8 4.5e-4, int4 g32 4.4e-2, g64 5.7e-2.
 import pytest
 import torch
 
-from ernie_cli.loader import load_model
+from ernie_cli.kernels import ops
 from ernie_cli.quant import formats
 from ernie_cli.quant.convert import quantize_checkpoint
-from ernie_cli.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, QuantWeight, quantized_nbytes
 from ernie_cli.quant.spec import QuantSpec
+from ernie_cli.quant.weight import QuantWeight, quantized_nbytes
+from ernie_cli.weights.fuse import fuse_for_decode, shared_into_experts
+from ernie_cli.weights.loader import load_model
 
 
 def _ids(batch=4, n=64, seed=0):
@@ -52,7 +54,7 @@ def test_quantized_logits_close_to_the_float_reference(checkpoints, quantized, s
     for fmt, group in (("int8", None), ("int4", 32), ("int4", 64)):
         model = load_model(quantized(shape, fmt, group), "cpu", torch.float32)
         with torch.no_grad():
-            got = model(ids, 0, all_logits=True)
+            got = model(ids)
         kl[fmt, group] = _kl(expected, got).mean().item()
         top1[fmt, group] = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
     # int8: a few times the bf16 copy's own KL (6.5e-4 moe, 1.4e-4 dense); int4: the 4-bit grid.
@@ -71,7 +73,7 @@ def test_quantizing_while_loading_equals_the_offline_copy(checkpoints, quantized
     online = load_model(src, "cpu", torch.float32, quantize=fmt, group_size=32 if fmt == "int4" else None)
     ids = _ids(2, 24)
     with torch.no_grad():
-        assert torch.equal(offline(ids, 0, all_logits=True), online(ids, 0, all_logits=True))
+        assert torch.equal(offline(ids), online(ids))
 
 
 @pytest.mark.parametrize("shape", ["moe_fused_names", "moe_sharded"])
@@ -98,10 +100,10 @@ def test_incremental_decoding_matches_full_forward(quantized, shape, fmt):
     model = load_model(quantized(shape, fmt, 32 if fmt == "int4" else None), "cpu", torch.float32)
     ids = _ids(1, 20, seed=4)
     with torch.no_grad():
-        full = model(ids, 0, all_logits=True)
-        model.setup_cache(1, 32)
-        parts = [model(ids[:, :8], 0, all_logits=True), model(ids[:, 8:13], 8, all_logits=True)]
-        parts += [model(ids[:, p : p + 1], p, all_logits=True) for p in range(13, 20)]
+        full = model(ids)
+        model_cache = model.new_cache(1, 32)
+        parts = [model(ids[:, :8], 0, model_cache), model(ids[:, 8:13], 8, model_cache)]
+        parts += [model(ids[:, p : p + 1], p, model_cache) for p in range(13, 20)]
     step = torch.cat(parts, dim=1)
     kl = _kl(full, step)
     if shape == "moe_wide":
@@ -117,15 +119,15 @@ def test_incremental_decoding_matches_full_forward(quantized, shape, fmt):
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("shape, backend", [("moe", "cpu"), ("moe_wide", "native")])
 def test_cpu_kernels_agree_with_the_dequantize_path(quantized, monkeypatch, fmt, shape, backend):
-    """ERNIE_QUANT_BACKEND=dequant runs on the CPU the code CUDA runs (dequantize, then matmul in the
+    """ops.FORCED_QUANT_BACKEND = "dequant" runs on the CPU the code CUDA runs (dequantize, then matmul in the
     activation dtype, experts gathered by index in decode); it must agree with the int kernels up to
     their rounded activations (bf16 for torch's, int8 per block of 64 for the native ones)."""
     if backend == "native":
         _need_native()
     path = quantized(shape, fmt, 64 if fmt == "int4" else None)
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "cpu" if backend == "cpu" else "")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "cpu" if backend == "cpu" else "")
     kernels = load_model(path, "cpu", torch.float32)
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "dequant")
     plain = load_model(path, "cpu", torch.float32)
     assert plain.layers[1].mlp.experts.gate_up_proj.backend == "dequant"
     quant = [m for m in kernels.modules() if isinstance(m, QuantWeight)]
@@ -135,9 +137,8 @@ def test_cpu_kernels_agree_with_the_dequantize_path(quantized, monkeypatch, fmt,
         assert kernels.layers[1].mlp.experts.gate_up_proj.backend == "cpu"
     ids = _ids(2, 32, seed=5)
     with torch.no_grad():
-        a, b = kernels(ids, 0, all_logits=True), plain(ids, 0, all_logits=True)
+        a, b = kernels(ids), plain(ids)
         # the one-token path: `selected` (`selected_native`) on the kernels, `gathered` on the dequantize path
-        kernels.setup_cache(1, 4), plain.setup_cache(1, 4)
         da, db = kernels(ids[:1, :1], 0), plain(ids[:1, :1], 0)
     # int8 activations cost about what bf16 ones do: measured on moe_wide against transformers' fp32,
     # int8 weights: KL 1.9e-3 (torch kernels, bf16 activations), 2.5e-3 (native), 1.8e-3 (dequant);
@@ -150,7 +151,7 @@ def test_cpu_kernels_agree_with_the_dequantize_path(quantized, monkeypatch, fmt,
 
 
 def _need_native():
-    from ernie_cli.quant import native
+    from ernie_cli.kernels.cpu import native
 
     if native.kernels() is None:
         pytest.skip("the native int kernels need an x86 CPU with AVX-512 VNNI and a C compiler")
@@ -159,11 +160,11 @@ def _need_native():
 def test_modules_are_replaced_and_bytes_match_the_disk(quantized):
     path = quantized("moe", "int4", 64)
     model = load_model(path, "cpu", torch.bfloat16)
-    assert isinstance(model.embed_tokens, QuantEmbedding)
-    assert isinstance(model.layers[0].self_attn.q_proj, QuantLinear)
-    assert isinstance(model.layers[0].mlp.gate_up_proj, QuantLinear)
-    assert isinstance(model.layers[1].mlp.experts, QuantExperts)
-    assert isinstance(model.layers[1].mlp.shared_experts.down_proj, QuantLinear)
+    assert isinstance(model.embed_tokens.weight, QuantWeight)
+    assert isinstance(model.layers[0].self_attn.q_proj.weight, QuantWeight)
+    assert isinstance(model.layers[0].mlp.gate_up_proj.weight, QuantWeight)
+    assert isinstance(model.layers[1].mlp.experts.gate_up_proj, QuantWeight)
+    assert isinstance(model.layers[1].mlp.shared_experts.down_proj.weight, QuantWeight)
     assert model.layers[1].mlp.gate.weight.dtype == torch.float32  # the router is never quantized
     assert model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     assert model.norm.weight.dtype == torch.bfloat16 and model.dtype == torch.bfloat16
@@ -181,21 +182,21 @@ def test_keep_embeddings_and_untied_head(checkpoints, tmp_path):
     out = tmp_path / "keep"
     quantize_checkpoint(src, out, QuantSpec.make("int8", keep_embeddings=True))
     model = load_model(out, "cpu", torch.float32)
-    assert isinstance(model.embed_tokens, torch.nn.Embedding)
+    assert isinstance(model.embed_tokens.weight, torch.Tensor) and model.embed_tokens.weight.dtype == torch.float32
 
     untied, _ = write_checkpoint(tmp_path / "untied", "dense", tie_word_embeddings=False)
     quantize_checkpoint(untied, tmp_path / "untied-q", QuantSpec.make("int4", 32))
     model = load_model(tmp_path / "untied-q", "cpu", torch.float32)
-    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.fmt == "int8"  # the head goes to int8
+    assert isinstance(model.lm_head.weight, QuantWeight) and model.lm_head.weight.fmt == "int8"  # the head goes to int8
     ref = load_reference(untied)
     ids = _ids(2, 32)
     with torch.no_grad():
-        assert _kl(ref(ids).logits, model(ids, 0, all_logits=True)).mean() < 0.2
+        assert _kl(ref(ids).logits, model(ids)).mean() < 0.2
 
 
 def test_memory_estimate_uses_quantized_sizes(checkpoints, quantized, monkeypatch):
-    import ernie_cli.loader as loader
-    from ernie_cli.config import load_config
+    import ernie_cli.weights.loader as loader
+    from ernie_cli.model.config import load_config
     from ernie_cli.quant.load import model_bytes
 
     src, _ = checkpoints("moe")
@@ -213,7 +214,7 @@ def test_memory_estimate_uses_quantized_sizes(checkpoints, quantized, monkeypatc
 def test_cuda_estimate_adds_the_prefill_scratch_buffers(checkpoints):
     """Counted by hand for the tiny MoE (hidden 64, 4 heads and 2 kv heads of 16, 8 experts of 24,
     2 shared, dense layer 160): every distinct quantized shape once, in bf16 bytes."""
-    from ernie_cli.config import load_config
+    from ernie_cli.model.config import load_config
     from ernie_cli.quant.load import prefill_scratch_bytes
 
     src, _ = checkpoints("moe")
@@ -233,8 +234,8 @@ def test_cuda_estimate_adds_the_prefill_scratch_buffers(checkpoints):
 
 
 def test_generate_runs_on_a_quantized_model(quantized):
-    from ernie_cli.generate import generate
-    from ernie_cli.sampling import Sampler, SamplingParams
+    from ernie_cli.runtime.generate import generate
+    from ernie_cli.runtime.sampling import Sampler, SamplingParams
 
     model = load_model(quantized("moe", "int4", 64), "cpu", torch.bfloat16)
     sampler = Sampler(SamplingParams(temperature=0), model.config.vocab_size, model.device)
@@ -274,7 +275,7 @@ def test_corrupt_quantized_checkpoints_are_refused(quantized, tmp_path):
 def test_format_numbers_in_config_describe_the_tensors(quantized):
     import json
 
-    from ernie_cli.checkpoint import Checkpoint
+    from ernie_cli.weights.checkpoint import Checkpoint
 
     path = quantized("moe", "int4", 64)
     q = json.loads((path / "config.json").read_text())["quantization_config"]
@@ -292,38 +293,38 @@ def test_format_numbers_in_config_describe_the_tensors(quantized):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantizing_a_model_in_memory_equals_quantizing_while_loading(checkpoints, fmt):
-    """loader.quantize_model (used by `ernie bench --config ... --quantize`) on a float model."""
-    from ernie_cli.loader import quantize_model
+    """quant.load.quantize_in_place (used by `ernie bench --config ... --quantize`) on a float model."""
+    from ernie_cli.quant.load import quantize_in_place
 
     src, _ = checkpoints("moe")
-    in_memory = quantize_model(load_model(src, "cpu", torch.float32), fmt, 32)
+    in_memory = quantize_in_place(load_model(src, "cpu", torch.float32), QuantSpec.make(fmt, 32))
     online = load_model(src, "cpu", torch.float32, quantize=fmt, group_size=32)
-    assert isinstance(in_memory.layers[1].mlp.experts, QuantExperts) and in_memory.quantization.format == fmt
+    assert isinstance(in_memory.layers[1].mlp.experts.gate_up_proj, QuantWeight) and in_memory.quantization.format == fmt
     assert not [n for n, p in in_memory.named_parameters() if p.dtype == torch.float32 and p.dim() == 3]
     ids = _ids(2, 24)
     with torch.no_grad():
-        assert torch.equal(in_memory(ids, 0, all_logits=True), online(ids, 0, all_logits=True))
+        assert torch.equal(in_memory(ids), online(ids))
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("backend", ["dequant", "native"])
 def test_fused_qkv_of_quantized_weights_equals_the_three(quantized, monkeypatch, fmt, backend):
-    """Quantized q/k/v rows stacked into one weight (QuantLinear.concatenate) give the same numbers:
+    """Quantized q/k/v rows stacked into one weight (QuantWeight.concatenate) give the same numbers:
     each output row is the same row of the same bytes."""
     if backend == "native":
         _need_native()
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant" if backend == "dequant" else "")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "dequant" if backend == "dequant" else "")
     path = quantized("moe_wide", fmt, 64 if fmt == "int4" else None)
     model = load_model(path, "cpu", torch.float32)
     ids = _ids(1, 12, seed=7)
     with torch.no_grad():
-        apart = model(ids, 0, all_logits=True)
+        apart = model(ids)
         attn = model.layers[1].self_attn
         rows = attn.q_proj.out_features + attn.k_proj.out_features + attn.v_proj.out_features
-        model.fuse_projections()
+        fuse_for_decode(model)
         fused = attn.qkv_proj
-        assert isinstance(fused, QuantLinear) and fused.backend == backend and fused.out_features == rows
-        together = model(ids, 0, all_logits=True)
+        assert isinstance(fused.weight, QuantWeight) and fused.weight.backend == backend and fused.out_features == rows
+        together = model(ids)
     assert (together - apart).abs().max().item() < 1e-5
 
 
@@ -334,38 +335,38 @@ def test_native_weights_stay_views_of_the_mapped_files(quantized, monkeypatch):
     _need_native()
     path = quantized("moe_wide", "int4", 64)
     sizes = {f.stat().st_size for f in path.glob("*.safetensors")}
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "")
     mapped = load_model(path, "cpu", torch.float32)
     w = mapped.layers[1].mlp.experts.gate_up_proj
     assert w.backend == "native" and w.qweight.untyped_storage().nbytes() in sizes
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "cpu")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "cpu")
     copied = load_model(path, "cpu", torch.float32)
     assert copied.layers[1].mlp.experts.gate_up_proj.packed.untyped_storage().nbytes() not in sizes
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "dequant")
     plain = load_model(path, "cpu", torch.float32)
     ids = _ids(1, 8, seed=9)
     with torch.no_grad():
-        assert _kl(plain(ids, 0, all_logits=True), mapped(ids, 0, all_logits=True)).mean() < 3e-3
+        assert _kl(plain(ids), mapped(ids)).mean() < 3e-3
 
 
 def test_compiled_cpu_decode_keeps_the_native_kernels(quantized, monkeypatch):
     """`--compile on` on the CPU: the native kernels stay in the compiled step as one operator each
     (native.int_matmul), instead of the slow dequantize-and-reduce form, and decode the same."""
     _need_native()
-    from ernie_cli.generate import Decoder
-    from ernie_cli.quant import native
+    from ernie_cli.kernels.cpu import native
+    from ernie_cli.runtime.decoder import Decoder
 
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "")
     model = load_model(quantized("moe_wide", "int4", 64), "cpu", torch.float32)
     ids = _ids(1, 12, seed=3)
     calls = []
     real = native.kernels().int4
     monkeypatch.setattr(native.kernels(), "int4", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     with torch.no_grad():
-        model.setup_cache(1, 16)
-        model(ids[:, :4], 0)
-        eager = [model(ids[:, p : p + 1], p)[:, -1] for p in range(4, 12)]
         compiled = Decoder(model, compile=True)
+        cache = compiled.reserve(16)
+        model(ids[:, :4], 0, cache)
+        eager = [model(ids[:, p : p + 1], p, cache)[:, -1] for p in range(4, 12)]
         calls.clear()
         steps = [compiled(ids[:, p : p + 1], p) for p in range(4, 12)]
     assert len(calls) >= 8 * 4  # every layer's int4 products went through the native kernel
@@ -380,7 +381,7 @@ def test_a_file_that_cannot_be_mapped_is_read(quantized, monkeypatch):
     def refuse(*args, **kwargs):
         raise RuntimeError("mmap failed")
 
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "")
     monkeypatch.setattr(torch, "from_file", refuse)
     path = quantized("moe_wide", "int4", 64)
     model = load_model(path, "cpu", torch.float32)
@@ -392,23 +393,23 @@ def test_a_file_that_cannot_be_mapped_is_read(quantized, monkeypatch):
 
 @pytest.mark.parametrize("shape, fmt, group", [("moe", "int8", None), ("moe_wide", "int8", None), ("moe_wide", "int4", 64), ("moe_wide", "int4", 32)])
 def test_shared_experts_moved_into_the_quantized_stack(quantized, monkeypatch, shape, fmt, group):
-    """MoE.fuse_shared_experts on the disk layout CUDA holds (ERNIE_QUANT_BACKEND=dequant): codes,
+    """fuse.shared_into_experts on the disk layout CUDA holds (ops.FORCED_QUANT_BACKEND = "dequant"): codes,
     scales and zeros split by rows (gate_up) and by columns (down), in float32, must give what the
     separate shared MLP gives, through prefill and the one-token gathered path. A split that mixed
     up rows, nibbles or scale groups would move logits by far more than the summation order does."""
-    from ernie_cli.model import MoE
+    from ernie_cli.model.ernie import MoE
 
-    monkeypatch.setenv("ERNIE_QUANT_BACKEND", "dequant")
+    monkeypatch.setattr(ops, "FORCED_QUANT_BACKEND", "dequant")
     path = quantized(shape, fmt, group)
     plain, fused = load_model(path, "cpu", torch.float32), load_model(path, "cpu", torch.float32)
     moes = [layer.mlp for layer in fused.layers if isinstance(layer.mlp, MoE)]
     for moe in moes:
-        moe.fuse_shared_experts()
-        assert moe.shared_experts is None and moe.experts.down_proj.shape[0] == moe.gate.weight.shape[0] + moe.num_shared
+        shared = moe.shared_experts.down_proj.in_features // moe.experts.down_proj.shape[-1]
+        assert shared_into_experts(moe)
+        assert moe.shared_experts is None and moe.experts.down_proj.shape[0] == moe.gate.weight.shape[0] + shared
     ids = _ids(2, 32, seed=6)
     with torch.no_grad():
-        a, b = plain(ids, 0, all_logits=True), fused(ids, 0, all_logits=True)
-        plain.setup_cache(1, 4), fused.setup_cache(1, 4)
+        a, b = plain(ids), fused(ids)
         da, db = plain(ids[:1, :1], 0), fused(ids[:1, :1], 0)
     assert (a - b).abs().max().item() < 1e-4
     assert (da - db).abs().max().item() < 1e-4

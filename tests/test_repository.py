@@ -47,8 +47,8 @@ def named_paths(doc: Path) -> list[tuple[str, Path]]:
 def test_repository_path_parsing():
     assert repository_path("benchmarks/gpu_profile.py") == "benchmarks/gpu_profile.py"
     assert repository_path("tests/test_bench.py::test_weight_bytes_per_token_by_hand") == "tests/test_bench.py"
-    assert repository_path("ernie_cli/model.py:394") == "ernie_cli/model.py"
-    assert repository_path("ernie_cli/model.py:12-30,") == "ernie_cli/model.py"
+    assert repository_path("ernie_cli/model/ernie.py:394") == "ernie_cli/model/ernie.py"
+    assert repository_path("ernie_cli/model/ernie.py:12-30,") == "ernie_cli/model/ernie.py"
     assert repository_path("(docs/quantize.md).") == "docs/quantize.md"
     assert repository_path("docs/*.md") is None
     assert repository_path("benchmarks/configs/...") is None

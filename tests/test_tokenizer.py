@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from ernie_cli import detokenize as detokenize_module
-from ernie_cli import tokenizer as tokenizer_module
-from ernie_cli.detokenize import StreamingDetokenizer
 from ernie_cli.errors import ErnieError
-from ernie_cli.tokenizer import ErnieTokenizer, default_cache_dir, load_tokenizer
+from ernie_cli.text import detokenize as detokenize_module
+from ernie_cli.text import tokenizer as tokenizer_module
+from ernie_cli.text.detokenize import StreamingDetokenizer
+from ernie_cli.text.tokenizer import ErnieTokenizer, default_cache_dir, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "ernie-tokenizer"
 SPM_FILES = ("tokenizer.model", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json")

@@ -50,7 +50,12 @@ SHAPES = {
 
 
 def reference_class(kind: str):
-    from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+    from transformers import (
+        Ernie4_5_MoeConfig,
+        Ernie4_5_MoeForCausalLM,
+        Ernie4_5Config,
+        Ernie4_5ForCausalLM,
+    )
 
     return (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM) if kind == "moe" else (Ernie4_5Config, Ernie4_5ForCausalLM)
 

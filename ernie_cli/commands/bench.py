@@ -14,7 +14,6 @@ import typer
 from ernie_cli.console import info, stderr_is_tty, write_stdout
 from ernie_cli.errors import UsageError
 
-
 MAX_REPETITIONS = 10_000  # more only narrows a std that five runs already show
 
 
@@ -81,9 +80,13 @@ def bench(
 
     import torch
 
-    from ernie_cli import bench as runtime
-    from ernie_cli.generate import Decoder, use_compile
-    from ernie_cli.loader import resolve_device, resolve_dtype
+    from ernie_cli.runtime import benchmark as runtime
+    from ernie_cli.runtime.decoder import Decoder, use_compile
+    from ernie_cli.weights.loader import (
+        prepare_for_decoding,
+        resolve_device,
+        resolve_dtype,
+    )
 
     if not runtime.build_tests(prompts, generates, pairs, depths):
         raise UsageError("no tests to run: give a positive -p, -n or --pg.")
@@ -97,7 +100,8 @@ def bench(
     model_obj, name, size, quant = _load(model, model_dir, config, cfg, dev, dtype, quantize)
     runtime.check_memory(cfg, tests, model_obj.dtype, dev)  # and beside the weights, before any test runs
     context = runtime.run_context(model_obj, name, size, quant)
-    decoder = Decoder(model_obj, use_compile(compile, dev))
+    compiled = use_compile(compile, dev)
+    decoder = Decoder(prepare_for_decoding(model_obj, compiled), compiled)
     context["compiled"] = decoder.compiled
     show = stderr_is_tty()
     rows = []
@@ -111,10 +115,10 @@ def bench(
 
 def _config(model, config, layers, offline):
     """(the config to measure, the model directory or None for --config), read without any weights."""
-    from ernie_cli.config import load_config, parse_config
+    from ernie_cli.model.config import load_config, parse_config
 
     if config is None:
-        from ernie_cli.hub import resolve_model
+        from ernie_cli.weights.hub import resolve_model
 
         model_dir = resolve_model(model, offline=True if offline else None)
         return load_config(model_dir), model_dir
@@ -133,7 +137,12 @@ def _config(model, config, layers, offline):
 def _load(model, model_dir, config, cfg, device, dtype, quantize):
     import torch
 
-    from ernie_cli.loader import check_fits, load_model, random_model, resolve_dtype
+    from ernie_cli.weights.loader import (
+        check_fits,
+        load_model,
+        random_model,
+        resolve_dtype,
+    )
 
     if model_dir is None:
         torch_dtype = resolve_dtype(dtype, cfg, device)
@@ -141,9 +150,10 @@ def _load(model, model_dir, config, cfg, device, dtype, quantize):
         check_fits(cfg.parameter_counts()["total"] * size, device, f"{Path(config).name} with random weights")
         name = f"{Path(config).name} (random weights, {cfg.num_hidden_layers} layers)"
         if quantize:
-            from ernie_cli.loader import quantize_model
+            from ernie_cli.quant.load import quantize_in_place
+            from ernie_cli.quant.spec import QuantSpec
 
-            return quantize_model(random_model(cfg, device, torch_dtype), quantize), name, None, quantize
+            return quantize_in_place(random_model(cfg, device, torch_dtype), QuantSpec.make(quantize)), name, None, quantize
         return random_model(cfg, device, torch_dtype), name, None, None
 
     kwargs = {"quantize": quantize} if quantize else {}

@@ -12,8 +12,7 @@ import typer
 
 from ernie_cli.console import byte_progress, info, warn, write_stdout
 from ernie_cli.errors import UsageError, deferred_interrupts
-from ernie_cli.hub import DEFAULT_MODEL
-
+from ernie_cli.weights.hub import DEFAULT_MODEL
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -64,8 +63,8 @@ def complete(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No summary line on stderr.")] = False,
 ) -> None:
     """Continue PROMPT with the model and stream the text to stdout. Statistics go to stderr."""
-    from ernie_cli import prompt as prompt_module
-    from ernie_cli.sampling import SamplingParams
+    from ernie_cli.text import prompt as prompt_module
+    from ernie_cli.runtime.sampling import SamplingParams
 
     # Every option is checked before anything is read or loaded.
     if max_tokens < 1:
@@ -97,13 +96,13 @@ def complete(
         warn("--echo has no effect with --json, whose \"prompt\" field already holds the prompt.")
     src = prompt_module.sources(prompt, file, no_stdin)
 
-    from ernie_cli.hub import resolve_model
+    from ernie_cli.weights.hub import resolve_model
 
     model_dir = resolve_model(model, offline=True if offline else None, quiet=quiet)
     gathered = prompt_module.prepare(model_dir, src, max_context)
 
     with deferred_interrupts():  # torch is imported here
-        from ernie_cli import completion
+        from ernie_cli.runtime import completion
 
     defaults = completion.generation_defaults(model_dir)
     values = {k: (v if v is not None else defaults.get(k)) for k, v in chosen.items()}
@@ -118,7 +117,7 @@ def complete(
     request = completion.Request(text, max_tokens, sampling, stops, ignore_eos, logprobs, max_context, gathered.ids)
     if echo and not as_json:
         write_stdout(text)
-    result = completion.complete(runtime, request, on_text=(lambda s: None) if as_json else write_stdout)
+    result = completion.run_completion(runtime, request, on_text=(lambda s: None) if as_json else write_stdout)
     t = result.timings
     if as_json:
         record = {

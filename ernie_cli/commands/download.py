@@ -7,8 +7,8 @@ from typing import Annotated, List, Optional
 
 import typer
 
-from ernie_cli import hub
 from ernie_cli.errors import UsageError
+from ernie_cli.weights import hub
 
 
 def download(

@@ -50,12 +50,12 @@ def quantize(
     if eval_only and not (output / "config.json").is_file():
         raise UsageError(f"--eval-only needs an existing model directory as OUTPUT; {output} has no config.json.")
     if evaluate or eval_only:
-        from ernie_cli.loader import resolve_device
+        from ernie_cli.weights.loader import resolve_device
 
         resolve_device(device)  # a wrong --device must not surface only after the quantization
 
-    from ernie_cli.hub import resolve_model
     from ernie_cli.quant.convert import check_output, output_lock
+    from ernie_cli.weights.hub import resolve_model
 
     # Held until the report is written too, so no other run replaces OUTPUT under the evaluation.
     with output_lock(output, required=not eval_only):
@@ -69,7 +69,11 @@ def quantize(
         if not eval_only:
             _quantize(source_dir, output, spec, force, allow_no_tokenizer, quiet)
         if evaluate or eval_only:
-            from ernie_cli.quant.evaluate import evaluate_dirs, format_report, write_report
+            from ernie_cli.quant.evaluate import (
+                evaluate_dirs,
+                format_report,
+                write_report,
+            )
 
             if not quiet:
                 info("evaluating on the held-out text (the source model runs first, then the quantized one)...")

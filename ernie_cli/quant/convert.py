@@ -27,14 +27,20 @@ from typing import Callable, Iterator
 
 import torch
 
-from ernie_cli.checkpoint import Checkpoint, TensorReader
-from ernie_cli.config import load_config
 from ernie_cli.errors import ErnieError, os_reason
-from ernie_cli.layout import Param, plan
+from ernie_cli.model.config import load_config
 from ernie_cli.quant import formats
 from ernie_cli.quant.io import OutTensor, ShardWriter
 from ernie_cli.quant.spec import QUANT_METHOD, QuantSpec
-from ernie_cli.files import CONFIG, SPM_COMPANIONS, SPM_MODEL, TOKENIZER_FILES, TOKENIZER_JSON
+from ernie_cli.weights.checkpoint import Checkpoint, TensorReader
+from ernie_cli.weights.files import (
+    CONFIG,
+    SPM_COMPANIONS,
+    SPM_MODEL,
+    TOKENIZER_FILES,
+    TOKENIZER_JSON,
+)
+from ernie_cli.weights.layout import Param, plan
 
 SOURCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_SHARD_BYTES = 2 * 1024**3

@@ -39,7 +39,7 @@ def tokenize(text: str, model_dir: Path | None, vocab_size: int) -> tuple[list[i
     if model_dir is not None:
         try:
             from ernie_cli.errors import ErnieError
-            from ernie_cli.tokenizer import load_tokenizer
+            from ernie_cli.text.tokenizer import load_tokenizer
 
             try:
                 ids = load_tokenizer(Path(model_dir)).encode(text)
@@ -59,7 +59,7 @@ def chunks(ids: list[int], ctx: int) -> list[list[int]]:
 def log_probs(model, chunk: list[int]) -> torch.Tensor:
     """log p(next token) at every position of the chunk but the last: [len-1, vocab] float32 on the CPU."""
     ids = torch.tensor([chunk], dtype=torch.long, device=model.device)
-    logits = model(ids, 0, all_logits=True)[0, :-1]
+    logits = model(ids)[0, :-1]
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
@@ -124,8 +124,8 @@ def evaluate_dirs(
     text: str | None = None,
 ) -> dict:
     """The report for two model directories (the second typically made by `ernie quantize` from the first)."""
-    from ernie_cli.config import load_config
-    from ernie_cli.loader import load_model, resolve_device
+    from ernie_cli.model.config import load_config
+    from ernie_cli.weights.loader import load_model, resolve_device
 
     source, quantized = Path(source), Path(quantized)
     cfg = load_config(source)

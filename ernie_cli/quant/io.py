@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ernie_cli.checkpoint import byte_view, tensor_nbytes
-from ernie_cli.files import INDEX_FILE
+from ernie_cli.weights.checkpoint import byte_view, tensor_nbytes
+from ernie_cli.weights.files import INDEX_FILE
 
 ST_DTYPES = {
     torch.bfloat16: "BF16",

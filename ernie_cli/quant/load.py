@@ -10,23 +10,19 @@ block of float32 being worked on.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from ernie_cli.checkpoint import Checkpoint, TensorReader
-from ernie_cli.config import ErnieConfig
 from ernie_cli.errors import ErnieError
-from ernie_cli.model import ErnieForCausalLM, Experts
+from ernie_cli.kernels.ops import choose_backend
+from ernie_cli.model.config import ErnieConfig
+from ernie_cli.model.ernie import ErnieForCausalLM, set_param
 from ernie_cli.quant import formats
 from ernie_cli.quant.convert import quantize_param, read_whole
-from ernie_cli.quant.modules import QuantEmbedding, QuantExperts, QuantLinear, QuantWeight, choose_backend
 from ernie_cli.quant.spec import QuantSpec
-
-
-MAP_FILES = os.environ.get("ERNIE_MMAP", "1") != "0"  # 0: copy every tensor out of the files (for comparison)
+from ernie_cli.quant.weight import QuantWeight
+from ernie_cli.weights.checkpoint import Checkpoint, TensorReader
 
 
 def _is_fp32(name: str) -> bool:
@@ -60,7 +56,7 @@ def prefill_scratch_bytes(cfg: ErnieConfig, spec: QuantSpec, dtype: torch.dtype,
     """Memory a CUDA prefill needs beyond the weights: gpu_dequant expands each quantized weight to
     floats in a buffer kept per shape, the largest being one layer's routed experts (1.5 GB in bf16
     for the 21B). q/k/v merged for the decode graph add one shape. Where the decode graph moves the
-    shared experts into the routed stack (model.MoE.fuse_shared_experts), the stack grows by exactly
+    shared experts into the routed stack (fuse.shared_into_experts), the stack grows by exactly
     the shared MLP's two shapes, which then need no buffer of their own, so the sum still holds.
     Nothing on other devices, where the expanded weights are temporaries or do not exist."""
     if device.type != "cuda":
@@ -79,47 +75,20 @@ def prefill_scratch_bytes(cfg: ErnieConfig, spec: QuantSpec, dtype: torch.dtype,
 # ---- putting modules in place --------------------------------------------------------------------
 
 
-def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    owner, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(owner) if owner else model, leaf, module)
-
-
 def install(
     model: ErnieForCausalLM, name: str, fmt: str, tensors: dict[str, torch.Tensor], shape: tuple[int, ...],
     group_size: int, device: torch.device, dtype: torch.dtype, backend: str | None = None,
 ) -> None:
-    """Put the quantized weight `name` (disk layout) into the model as its runtime module (on
-    `backend`, by default the one choose_backend picks)."""
+    """Put the quantized weight `name` (disk layout) into the model where its float weight would be
+    (on `backend`, by default the one choose_backend picks)."""
+    if name == "embed_tokens.weight" and fmt != "int8":
+        raise ErnieError("the embedding can only be stored as int8; re-create the checkpoint with `ernie quantize`.")
     backend = backend or choose_backend(fmt, group_size, device, shape[-1])
-    if name == "embed_tokens.weight":
-        if fmt != "int8":
-            raise ErnieError("the embedding can only be stored as int8; re-create the checkpoint with `ernie quantize`.")
-        _replace(model, "embed_tokens", QuantEmbedding(shape, backend, dtype).load(tensors, device))
-    elif name.endswith(".weight"):  # a Linear: attention, dense MLP, shared experts, untied head
-        path = name[: -len(".weight")]
-        old = model.get_submodule(path)
-        module = QuantLinear(fmt, shape, group_size, backend).load(tensors, device)
-        bias = getattr(old, "bias", None)
-        if bias is not None and bias.device.type != "meta":  # a bias loaded before its weight
-            module.bias = bias
-        _replace(model, path, module)
-    else:  # layers.N.mlp.experts.gate_up_proj / down_proj
-        path, _, leaf = name.rpartition(".")
-        experts = model.get_submodule(path)
-        if isinstance(experts, Experts):
-            experts = QuantExperts()
-            _replace(model, path, experts)
-        setattr(experts, leaf, QuantWeight(fmt, shape, group_size, backend).load(tensors, device))
+    set_param(model, name, QuantWeight(fmt, shape, group_size, backend).load(tensors, device))
 
 
 def _finish(model: ErnieForCausalLM, spec: QuantSpec) -> ErnieForCausalLM:
-    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]  # a quantized weight's tensors are never meta
     if left:
         raise RuntimeError(f"parameters never loaded: {left[:3]}")
     model.quantization = spec
@@ -160,7 +129,7 @@ def _validate(ckpt: Checkpoint, expected: dict) -> None:
             raise ErnieError(f"{info.file.name}: unexpected tensor {name} for this config.json; the checkpoint and its config do not match.")
 
 
-def load_quantized(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtype: torch.dtype, progress=None, check_fits=None) -> ErnieForCausalLM:
+def load_quantized_dir(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtype: torch.dtype, progress=None, check_fits=None) -> ErnieForCausalLM:
     spec = QuantSpec.from_config(cfg.quantization, f"{model_dir}/config.json")
     ckpt = Checkpoint(model_dir)
     expected = expected_tensors(cfg, spec)
@@ -178,14 +147,14 @@ def load_quantized(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtyp
                 if fmt is None:
                     value = reader.read(name)
                     target = torch.float32 if _is_fp32(name) else dtype
-                    _set_param(model, name, value.to(device=device, dtype=target))
+                    set_param(model, name, value.to(device=device, dtype=target))
                     done += value.nbytes
                 else:
                     # The native CPU kernels read the file layout, at any alignment: their weights stay
                     # views of the mapped files (TensorReader.map). torch's int kernels want their own
                     # aligned, repacked copies, and other devices a copy anyway.
                     backend = choose_backend(fmt, spec.group_size, device, shape[-1])
-                    get = reader.map if MAP_FILES and backend == "native" else reader.read
+                    get = reader.map if backend == "native" else reader.read
                     tensors = {s: get(f"{name}.{s}") for s in formats.quantized_shapes(fmt, shape, spec.group_size)}
                     install(model, name, fmt, tensors, shape, spec.group_size, device, dtype, backend)
                     done += sum(t.nbytes for t in tensors.values())
@@ -200,7 +169,7 @@ def load_quantized(model_dir: Path, cfg: ErnieConfig, device: torch.device, dtyp
 # ---- a float checkpoint, quantized on the way in ----------------------------------------------------
 
 
-def load_quantizing(
+def quantize_while_loading(
     model_dir: Path, cfg: ErnieConfig, ckpt: Checkpoint, params: list, spec: QuantSpec,
     device: torch.device, dtype: torch.dtype, progress=None,
 ) -> ErnieForCausalLM:
@@ -219,7 +188,7 @@ def load_quantizing(
                 if fmt is None:
                     value = read_whole(param, reader)
                     target = torch.float32 if param.keep_fp32 else dtype
-                    _set_param(model, param.name, value.to(device=device, dtype=target))
+                    set_param(model, param.name, value.to(device=device, dtype=target))
                     done += sum(ckpt.tensors[p.source].nbytes for p in param.pieces)
                     if progress:
                         progress(done, total)
@@ -259,31 +228,17 @@ def _quantize_tensor(fmt: str, w: torch.Tensor, group_size: int, steps: int) -> 
 
 
 @torch.no_grad()
-def quantize_model(model: ErnieForCausalLM, spec: QuantSpec) -> ErnieForCausalLM:
-    """Quantize a float model in place (random weights for benchmarks, say), one module at a time so
-    each float weight is freed as soon as its quantized module replaces it."""
+def quantize_in_place(model: ErnieForCausalLM, spec: QuantSpec) -> ErnieForCausalLM:
+    """Quantize a float model in place (random weights for benchmarks, say), one weight at a time so
+    each float weight is freed as soon as its quantized form replaces it."""
     device, dtype = model.device, model.dtype
-    for path, module in list(model.named_modules()):
-        if isinstance(module, Experts):
-            names = [f"{path}.gate_up_proj", f"{path}.down_proj"]
-            fmt = spec.format_of(names[0])
-            if fmt is None:
-                continue
-            quant = QuantExperts()
-            for name in names:
-                w = model.get_parameter(name)
-                tensors = _quantize_tensor(fmt, w, spec.group_size, spec.refine_steps)
-                setattr(quant, name.rpartition(".")[2], QuantWeight(fmt, tuple(w.shape), spec.group_size, choose_backend(fmt, spec.group_size, device, w.shape[-1])).load(tensors, device))
-                del w, tensors
-            _replace(model, path, quant)
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            name = f"{path}.weight"
-            fmt = spec.format_of(name)
-            if fmt is None:
-                continue
-            w = module.weight
-            tensors = _quantize_tensor(fmt, w, spec.group_size, spec.refine_steps)
-            install(model, name, fmt, tensors, tuple(w.shape), spec.group_size, device, dtype)  # carries a bias over
-            del w, tensors
-        del module
+    for name, w in list(model.named_parameters()):
+        fmt = spec.format_of(name)
+        if fmt is None:
+            continue
+        tensors = _quantize_tensor(fmt, w, spec.group_size, spec.refine_steps)
+        shape = tuple(w.shape)
+        del w
+        install(model, name, fmt, tensors, shape, spec.group_size, device, dtype)
+        del tensors
     return _finish(model, spec)

@@ -23,7 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ernie_cli.errors import ErnieError, UsageError
-from ernie_cli.quant.formats import DEFAULT_GROUP_SIZE, DEFAULT_REFINE_STEPS, GROUP_SIZES
+from ernie_cli.quant.formats import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_REFINE_STEPS,
+    GROUP_SIZES,
+)
 
 QUANT_METHOD = "ernie_cli"
 FORMAT_VERSION = 1

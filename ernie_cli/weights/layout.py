@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ernie_cli.checkpoint import Checkpoint
-from ernie_cli.config import ErnieConfig
 from ernie_cli.errors import ErnieError
+from ernie_cli.model.config import ErnieConfig
+from ernie_cli.weights.checkpoint import Checkpoint
 
 P = "model."
 

@@ -11,40 +11,9 @@ out in descending score order, ties to the lower index.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ernie_cli import gpu_gemv
-from ernie_cli.gpu_gemv import tl, triton
-
-
-# The compiled one-token step sums the router's logits as a product (sums_logits below);
-# ERNIE_ROUTER_LOGITS=linear keeps F.linear there, for comparison. Read once: torch.compile traces a constant.
-LOGITS_AS_SUM = os.environ.get("ERNIE_ROUTER_LOGITS", "sum") != "linear"
-
-
-# ERNIE_ROUTE_WARPS=4 launches the router kernel with Triton's default four warps, for comparison.
-ROUTE_WARPS = int(os.environ.get("ERNIE_ROUTE_WARPS", "1"))
-
-
-def sums_logits(x: torch.Tensor) -> bool:
-    """Whether the router's logits for x [T, H] are one_token_logits: one token, on CUDA, inside
-    torch.compile. There F.linear's float32 [1, H] x [H, E] became two cuBLAS kernels a layer, a dot
-    and a reduce (3.8 µs together on the H200); written as a product and a sum, Inductor
-    makes one reduction kernel and fuses the cast into it."""
-    return LOGITS_AS_SUM and x.is_cuda and x.shape[0] == 1 and torch.compiler.is_compiling()
-
-
-def one_token_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [1, H] in any dtype, weight [E, H] float32 -> float32 logits [1, E], as F.linear(x.float(), weight)."""
-    return (x.float()[:, None, :] * weight).sum(-1)
-
-
-def usable(logits: torch.Tensor) -> bool:
-    """CUDA with Triton, unless ERNIE_TRITON=0 (which keeps every one-token step in torch's kernels)."""
-    return triton is not None and logits.is_cuda and gpu_gemv.ENABLED
-
+from ernie_cli.kernels.triton.gemv import tl, triton
 
 if triton is not None:
 
@@ -90,6 +59,6 @@ def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float,
     _route[(t,)](
         logits, bias, weights, idx, e, norm_min,
         K=top_k, ALWAYS=always, BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k + always),
-        num_warps=ROUTE_WARPS,
+        num_warps=1,  # one warp: no barriers in its top-k loop
     )
     return weights, idx

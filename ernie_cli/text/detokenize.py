@@ -17,7 +17,7 @@ replaces only the invalid bytes (one U+FFFD each).
 
 from __future__ import annotations
 
-from ernie_cli.tokenizer import ErnieTokenizer
+from ernie_cli.text.tokenizer import ErnieTokenizer
 
 REPLACEMENT = "\ufffd"
 

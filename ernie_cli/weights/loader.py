@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 from ernie_cli.cachedir import set_compiler_cache_env
-from ernie_cli.checkpoint import Checkpoint
-from ernie_cli.config import ErnieConfig, load_config
 from ernie_cli.errors import ErnieError
-from ernie_cli.layout import Param, plan
-from ernie_cli.model import ErnieForCausalLM
+from ernie_cli.model.config import ErnieConfig, load_config
+from ernie_cli.model.ernie import ErnieForCausalLM, set_param
+from ernie_cli.weights.checkpoint import Checkpoint
+from ernie_cli.weights.layout import Param, plan
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
@@ -76,18 +75,24 @@ def parameter_bytes(params: list[Param], dtype: torch.dtype) -> int:
     return total
 
 
+def proc_bytes(path: str, key: str) -> int | None:
+    """A "key: N kB" line of a /proc file, in bytes; None where there is no such file or line."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    found = proc_bytes("/proc/meminfo", "MemAvailable")
+    return found if found is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def kv_cache_bytes(cfg: ErnieConfig, positions: int, dtype: torch.dtype) -> int:
@@ -131,10 +136,14 @@ def _empty_model(cfg: ErnieConfig) -> ErnieForCausalLM:
         return ErnieForCausalLM(cfg)
 
 
-def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner, _, leaf = name.rpartition(".")
-    module = model.get_submodule(owner) if owner else model
-    module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+def prepare_for_decoding(model: ErnieForCausalLM, compiled: bool) -> ErnieForCausalLM:
+    """The transforms a compiled one-token step wants (ernie_cli.weights.fuse), made once, before any
+    decoder sees the model; eager steps keep the checkpoint's own matrices."""
+    if compiled:
+        from ernie_cli.weights.fuse import fuse_for_decode
+
+        fuse_for_decode(model)
+    return model
 
 
 def load_model(
@@ -176,7 +185,7 @@ def load_model(
                 del src
                 if progress:
                     progress(done, total)
-            _set_param(model, param.name, target)
+            set_param(model, param.name, target)
     ckpt.close()
     model.eval()
     return model
@@ -193,21 +202,13 @@ def _load_quantized(model_dir, cfg, device, dtype, progress, reserve_bytes, quan
         def fits(need: int) -> None:
             check_fits(need + reserve_bytes, device, f"{model_dir.name} (quantized)")
 
-        return qload.load_quantized(model_dir, cfg, device, dtype, progress, fits)
+        return qload.load_quantized_dir(model_dir, cfg, device, dtype, progress, fits)
     spec = QuantSpec.make(quantize, group_size, keep_embeddings)
     ckpt = Checkpoint(model_dir)
     params = plan(cfg, ckpt)
     need = qload.model_bytes(cfg, spec, dtype) + qload.prefill_scratch_bytes(cfg, spec, dtype, device)
     check_fits(need + reserve_bytes, device, f"{model_dir.name} quantized to {quantize}")
-    return qload.load_quantizing(model_dir, cfg, ckpt, params, spec, device, dtype, progress)
-
-
-def quantize_model(model: ErnieForCausalLM, quantize: str, group_size: int | None = None, keep_embeddings: bool = False) -> ErnieForCausalLM:
-    """Quantize a float model already in memory (e.g. random_model's), in place, module by module."""
-    from ernie_cli.quant import load as qload
-    from ernie_cli.quant.spec import QuantSpec
-
-    return qload.quantize_model(model, QuantSpec.make(quantize, group_size, keep_embeddings))
+    return qload.quantize_while_loading(model_dir, cfg, ckpt, params, spec, device, dtype, progress)
 
 
 def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> ErnieForCausalLM:
@@ -225,7 +226,7 @@ def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtyp
                 value.zero_()
             else:
                 value.normal_(0.0, 0.02, generator=gen)
-            _set_param(model, name, value)
+            set_param(model, name, value)
     model.eval()
     return model
 

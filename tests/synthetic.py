@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ernie_cli.config import parse_config
+from ernie_cli.model.config import parse_config
 from ernie_cli.quant.io import OutTensor, ShardWriter
 
 P = "model."

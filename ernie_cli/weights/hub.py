@@ -30,7 +30,13 @@ from pathlib import Path, PureWindowsPath
 from ernie_cli import __version__
 from ernie_cli.console import info, stderr_is_tty, warn
 from ernie_cli.errors import ErnieError, UsageError
-from ernie_cli.files import INDEX_FILE, SINGLE_FILE, SPM_MODEL, TOKENIZER_FILES, TOKENIZER_JSON
+from ernie_cli.weights.files import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    SPM_MODEL,
+    TOKENIZER_FILES,
+    TOKENIZER_JSON,
+)
 
 DEFAULT_MODEL = "baidu/ERNIE-4.5-21B-A3B-Base-PT"
 
@@ -192,7 +198,7 @@ def download_snapshot(
 
 def check_snapshot(path: str | Path) -> list[str]:
     """What keeps `path` from loading as an ERNIE 4.5 text model; empty when it is complete."""
-    from ernie_cli.config import load_config
+    from ernie_cli.model.config import load_config
 
     path = Path(path)
     problems = []
@@ -466,7 +472,9 @@ class _CacheTarget(_Target):
 
     def prepare(self, revision: str) -> None:
         from huggingface_hub._local_folder import _create_cachedir_tag
-        from huggingface_hub.file_download import _cache_commit_hash_for_specific_revision
+        from huggingface_hub.file_download import (
+            _cache_commit_hash_for_specific_revision,
+        )
 
         (self.storage / "blobs").mkdir(parents=True, exist_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -776,7 +784,14 @@ class _Progress:
         self.bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
 
         from ernie_cli.console import err
 

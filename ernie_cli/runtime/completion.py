@@ -13,16 +13,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-
-from ernie_cli.config import ErnieConfig, load_config
-from ernie_cli.detokenize import StreamingDetokenizer
 from ernie_cli.errors import check_interrupt
-from ernie_cli.generate import Decoder, Timings, generate, use_compile
-from ernie_cli.loader import kv_cache_bytes, load_model, resolve_device, resolve_dtype
-from ernie_cli.model import ErnieForCausalLM
-from ernie_cli.prompt import context_of, encode
-from ernie_cli.sampling import Sampler, SamplingParams
-from ernie_cli.tokenizer import ErnieTokenizer, load_tokenizer
+from ernie_cli.model.config import ErnieConfig, load_config
+from ernie_cli.model.ernie import ErnieForCausalLM
+from ernie_cli.runtime.decoder import Decoder, use_compile
+from ernie_cli.runtime.generate import Timings, generate
+from ernie_cli.runtime.sampling import Sampler, SamplingParams
+from ernie_cli.text.detokenize import StreamingDetokenizer
+from ernie_cli.text.prompt import context_of, encode
+from ernie_cli.text.tokenizer import ErnieTokenizer, load_tokenizer
+from ernie_cli.weights.loader import (
+    kv_cache_bytes,
+    load_model,
+    prepare_for_decoding,
+    resolve_device,
+    resolve_dtype,
+)
 
 # Keys of generation_config.json that map onto our sampling options.
 _GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -77,7 +83,8 @@ def load_runtime(
     kwargs = {"quantize": quantize} if quantize else {}
     model = load_model(model_dir, dev, dtype, progress=progress, reserve_bytes=reserve, **kwargs)
     check_interrupt()  # a Ctrl-C swallowed while loading must not let the run go on
-    decoder = Decoder(model, use_compile(compile, dev))
+    compiled = use_compile(compile, dev)
+    decoder = Decoder(prepare_for_decoding(model, compiled), compiled)
     return Runtime(model, tokenizer, model.config, model_dir, generation_defaults(model_dir), time.perf_counter() - start, decoder)
 
 
@@ -132,7 +139,7 @@ class StopMatcher:
         return out
 
 
-def complete(runtime: Runtime, request: Request, on_text: Callable[[str], None] = lambda s: None) -> Result:
+def run_completion(runtime: Runtime, request: Request, on_text: Callable[[str], None] = lambda s: None) -> Result:
     """Run one completion, calling on_text with each piece of final text as soon as it exists."""
     tok, cfg = runtime.tokenizer, runtime.config
     context = context_of(cfg, request.max_context)

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from ernie_cli.config import ErnieConfig
 from ernie_cli.console import warn
 from ernie_cli.errors import ErnieError, UsageError
-from ernie_cli.generate import Decoder
-from ernie_cli.loader import activation_bytes, available_bytes, kv_cache_bytes
-from ernie_cli.model import CACHE_BLOCK, Experts, ErnieForCausalLM
+from ernie_cli.model.cache import CACHE_BLOCK
+from ernie_cli.model.config import ErnieConfig
+from ernie_cli.model.ernie import ErnieForCausalLM, Experts
+from ernie_cli.runtime.decoder import Decoder
+from ernie_cli.weights.loader import activation_bytes, available_bytes, kv_cache_bytes, proc_bytes
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def plan_tests(prompts: list[int], generates: list[int], pairs: list[tuple[int, 
 
 def case_bytes(cfg: ErnieConfig, spec: BenchCase, dtype: torch.dtype, cache_capacity: int = 0) -> int:
     """Memory a test needs beside the weights: its KV cache (none where a cache of `cache_capacity`
-    positions is kept, see ErnieForCausalLM.setup_cache) and RoPE tables at the capacity setup_cache
+    positions is kept, see Decoder.reserve) and RoPE tables at the capacity a KVCache
     rounds to, its token ids, and the larger of the untimed depth fill's and the timed forward's
     activations."""
     slots = spec.positions + 1
@@ -202,11 +203,11 @@ def weight_bytes_per_token(model: ErnieForCausalLM) -> int:
     embedding table (one row is looked up), plus the whole head matrix (tied or not).
 
     A stack of n experts is read for k of its E routed experts and for every expert beyond E: the
-    shared experts that the CUDA decode graph moves into the stack (model.MoE.fuse_shared_experts)
+    shared experts that the CUDA decode graph moves into the stack (fuse.shared_into_experts)
     are read by every token, as they were as a separate MLP."""
     cfg = model.config
     expert_prefixes = tuple(
-        name + "." for name, m in model.named_modules() if isinstance(m, Experts) or type(m).__name__.endswith("Experts")
+        name + "." for name, m in model.named_modules() if isinstance(m, Experts)
     )
 
     def share(t: torch.Tensor) -> float:
@@ -253,13 +254,9 @@ def _reset_peak(device: torch.device) -> None:
 def _peak(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    found = proc_bytes("/proc/self/status", "VmHWM")
+    if found is not None:
+        return found
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -269,13 +266,13 @@ def _peak(device: torch.device) -> int:
 def _run_once(decoder: Decoder, spec: BenchCase, ids: torch.Tensor, clock: _Clock) -> tuple[float, float]:
     """One repetition: returns (timed seconds, seconds to the first new token)."""
     model = decoder.model
-    model.setup_cache(1, spec.positions + 1)
+    cache = decoder.reserve(spec.positions + 1)
     pos = 0
     if spec.depth:
-        model(ids[:, : spec.depth], 0)
+        model(ids[:, : spec.depth], 0, cache, last=spec.depth - 1)
         pos = spec.depth
     if not spec.prompt:  # a decode-only test still needs one token in place before the first step
-        model(ids[:, pos : pos + 1], pos)
+        model(ids[:, pos : pos + 1], pos, cache)
         pos += 1
     start = clock.now()
     first = None
@@ -293,11 +290,11 @@ def _run_once(decoder: Decoder, spec: BenchCase, ids: torch.Tensor, clock: _Cloc
 
 def run_test(model: ErnieForCausalLM, spec: BenchCase, repetitions: int, seed: int = 0, progress=None, decoder: Decoder | None = None) -> CaseResult:
     device = model.device
-    cache = model.layers[0].self_attn.cache
-    capacity = cache.capacity if cache is not None else 0
-    held = sum(_tensor_bytes(layer.self_attn.cache.k) * 2 for layer in model.layers) if cache is not None else 0
-    check_memory(model.config, [spec], model.dtype, device, cache_capacity=capacity, held=held)
     decoder = decoder or Decoder(model)
+    cache = decoder.cache
+    capacity = cache.capacity if cache is not None else 0
+    held = sum(_tensor_bytes(t) for t in cache.buffers()) if cache is not None else 0
+    check_memory(model.config, [spec], model.dtype, device, cache_capacity=capacity, held=held)
     clock = _Clock(device)
     gen = torch.Generator().manual_seed(seed)
     n = spec.positions + 1

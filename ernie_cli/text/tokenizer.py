@@ -27,8 +27,14 @@ from tokenizers import Tokenizer
 
 from ernie_cli.cachedir import cache_dir
 from ernie_cli.errors import ErnieError
-from ernie_cli.files import ADDED_TOKENS, SPECIAL_TOKENS_MAP, SPM_COMPANIONS, SPM_MODEL, TOKENIZER_CONFIG, TOKENIZER_JSON
-
+from ernie_cli.weights.files import (
+    ADDED_TOKENS,
+    SPECIAL_TOKENS_MAP,
+    SPM_COMPANIONS,
+    SPM_MODEL,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+)
 
 # Bump when the route-2 build changes, so that tokenizers cached by an older version are not reused.
 _BUILD_VERSION = "1"

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from ernie_cli.errors import ErnieError
-from ernie_cli.files import INDEX_FILE, SINGLE_FILE
-
+from ernie_cli.weights.files import INDEX_FILE, SINGLE_FILE
 
 DTYPES = {
     "BF16": torch.bfloat16,

@@ -21,17 +21,13 @@ import os
 
 import torch
 
-from ernie_cli import gpu_gemv
-from ernie_cli.gpu_gemv import tl, triton
+from ernie_cli.kernels.triton.gemv import tl, triton
 
 SPLITS = 16  # stretches per KV head: 4 KV heads x 16 = 64 programs, and 8,192 cached tokens give each 512
 QROWS = 16  # query rows of a program, padded up from GROUP for tl.dot
 # The Triton interpreter multiplies bf16 tensors by their bit patterns in tl.dot; there the kernel
 # multiplies in float32 instead, so the tests under the interpreter check the rest of it.
 _DOT_IN_FLOAT32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ENABLED = os.environ.get("ERNIE_DECODE_ATTENTION", "triton") != "sdpa"  # sdpa: the masked SDPA, for comparison
-# ERNIE_ATTENTION_WRITES_CACHE=0: RoPE and the cache write stay in the graph as torch ops, for comparison.
-WRITES_CACHE = os.environ.get("ERNIE_ATTENTION_WRITES_CACHE", "1") != "0"
 
 
 def usable(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
@@ -39,7 +35,7 @@ def usable(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
     TF32), a head size tl.dot takes, and a group that fits QROWS."""
     heads, kv = q.shape[1], cache_k.shape[1]
     return (
-        triton is not None and q.is_cuda and gpu_gemv.ENABLED and ENABLED and q.dtype in (torch.bfloat16, torch.float16)
+        triton is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
         and cache_k.dtype == q.dtype and q.shape[0] == 1 and q.shape[2] == 1
         and cache_k.shape[0] == 1 and heads % kv == 0 and heads // kv <= QROWS and q.shape[-1] in (64, 128, 256)
     )
@@ -146,11 +142,6 @@ def decode_op(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos
 @decode_op.register_fake
 def _(q, cache_k, cache_v, pos, scale, block_s):
     return q.new_empty(q.shape)
-
-
-def writes_cache(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
-    """Whether rotate_write_decode can take this step (q [1, 1, H, D] as projected)."""
-    return WRITES_CACHE and usable(q.transpose(1, 2), cache_k)
 
 
 def rotate_write_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ernie_cli import gpu_gemv
-from ernie_cli.gpu_gemv import tl, triton
+from ernie_cli.kernels.triton import gemv as gpu_gemv
+from ernie_cli.kernels.triton.gemv import tl, triton
 
 _scratch: dict[tuple, torch.Tensor] = {}
 

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ernie_cli.config import ErnieConfig, load_config
 from ernie_cli.console import warn
 from ernie_cli.errors import ErnieError, UsageError
-from ernie_cli.tokenizer import ErnieTokenizer, load_tokenizer
+from ernie_cli.model.config import ErnieConfig, load_config
+from ernie_cli.text.tokenizer import ErnieTokenizer, load_tokenizer
 
 NO_STDIN_HINT = "pass --no-stdin (or set ERNIE_NO_STDIN=1) to leave stdin alone"
 # How long stdin may stay silent, with a prompt given elsewhere, before the wait is explained.

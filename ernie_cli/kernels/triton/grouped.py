@@ -8,25 +8,19 @@ its weights are read from memory about once however many rows it has. Three piec
 were kernels of their own happen while loading or storing: the gate_up product reads each sorted
 row straight from its token, forms silu(gate) * up in registers (a program holds the gate and the
 up rows of the same units), and the down product writes each row back to its token's slot.
-
-ERNIE_GROUPED_GEMM=torch keeps torch's grouped GEMM, for comparison.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ernie_cli import gpu_gemv
-from ernie_cli.gpu_gemv import tl, triton
-
-ENABLED = os.environ.get("ERNIE_GROUPED_GEMM", "triton") != "torch"
+from ernie_cli.kernels.triton import gemv as gpu_gemv
+from ernie_cli.kernels.triton.gemv import tl, triton
 
 
 def usable(x: torch.Tensor) -> bool:
     """bf16 or fp16 rows on CUDA with Triton, eagerly (or inside a CUDA graph capture)."""
-    return ENABLED and gpu_gemv.usable_eagerly(x) and x.dtype in (torch.bfloat16, torch.float16)
+    return gpu_gemv.usable_eagerly(x) and x.dtype in (torch.bfloat16, torch.float16)
 
 
 if triton is not None:

@@ -1,4 +1,4 @@
-"""The AVX-512 VNNI int4/int8 matrix-vector kernels of cpu_kernels.c, compiled on first use.
+"""The AVX-512 VNNI int4/int8 matrix-vector kernels of int_kernels.c, compiled on first use.
 
 The C file is built with the system's C compiler for this very CPU (-march=native) into the
 kernels folder of ernie's cache (ernie_cli.cachedir: $XDG_CACHE_HOME/ernie or ~/.cache/ernie), under
@@ -27,8 +27,8 @@ import torch
 
 from ernie_cli.cachedir import cache_dir
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"] + os.environ.get("ERNIE_KFLAGS", "").split()
+SOURCE = Path(__file__).with_name("int_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 # From this many tokens a product expands the weight to floats and calls torch's matmul instead
 # (Kernels.dequantize): the measured crossover on the 2-core Xeon with AMX (benchmarks/cpu_prefill_kernels.py).
@@ -53,8 +53,7 @@ def _cpu_flags() -> tuple[set[str], str]:
 
 
 def _cache_dir() -> Path:
-    override = os.environ.get("ERNIE_KERNEL_CACHE")
-    return Path(override) if override else cache_dir("kernels")
+    return cache_dir("kernels")
 
 
 def _build(compiler: str, target: Path) -> None:
@@ -151,7 +150,7 @@ class Kernels:
 @lru_cache(maxsize=1)
 def kernels() -> Kernels | None:
     """The compiled kernels, or None where they cannot run here (see the module docstring)."""
-    if os.environ.get("ERNIE_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+    if platform.machine() not in ("x86_64", "AMD64"):
         return None
     flags, model = _cpu_flags()
     if not all(f in flags for f in NEEDED_CPU_FLAGS):

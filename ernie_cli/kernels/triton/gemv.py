@@ -9,8 +9,9 @@ walks K in BLOCK_K steps, turns the bytes into float32 in registers, and reduces
 Weights are the disk layouts of ernie_cli.quant.formats (int8 [.., N, K] with one scale per row;
 int4 [.., N, K/2] with column 2j in the low nibble and a scale and zero per group: W = (q-8)s + z),
 so nothing is repacked. int4 uses sum_k W_k x_k = sum_g s_g <q - 8, x>_g + z_g sum_g(x). By default
-int8 and int4 weights meet x rounded to int8 (_gemv_dp4a, see DP4A); with ERNIE_DP4A=0 they meet
-bf16 x in _gemv (int4 a byte at a time) or, with ERNIE_INT4_GEMV=words, _gemv_int4 (32-bit words).
+int8 and int4 weights meet x rounded to int8 (_gemv_dp4a, see DP4A); elsewhere they meet x in its
+own dtype in _gemv (int4 a byte at a time). A kernel reading int4 as 32-bit words was 1.4-1.5x
+faster alone but made the full model's decode 4% slower (docs/performance.md), and is not kept.
 
 Callable from code that torch.compile captures (user-defined Triton kernels are traced), and the
 launch has static shapes, so the decode step stays one CUDA graph.
@@ -30,46 +31,36 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = tl = None
 
 FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (bf16, fp16, fp32)
-ENABLED = os.environ.get("ERNIE_TRITON", "1") != "0"  # read once: torch.compile traces a constant
-# Which int4 kernel one-token products use: "bytes" (_gemv) or "words" (_gemv_int4). The word kernel is
-# 1.4-1.5x faster alone and made 8-layer int4 decode 23% faster, but the full 28-layer model decoded
-# 4% slower with it (docs/performance.md), so it is opt-in until that is understood.
-INT4_KERNEL = os.environ.get("ERNIE_INT4_GEMV", "bytes")
 # int8 and int4 weights against x rounded to int8 (one scale per 64 columns, or per int4 group), summed
 # four products at a time by the dp4a instruction (_gemv_dp4a): full-model int4 decode 320 -> 450 tok/s,
-# int8 412 -> 421 (docs/performance.md). ERNIE_DP4A=0 keeps x in bf16 (the float
-# kernels below), for comparison or where the rounding of x matters more than speed.
-DP4A = os.environ.get("ERNIE_DP4A", "1") != "0"
+# int8 412 -> 421 (docs/performance.md). Tests set it False to check the float kernels on int weights.
+DP4A = True
 # The routed experts' down product forms silu(gate) * up while loading x, saving a kernel and a write
-# (8-layer int4 decode +1.8%). ERNIE_SWIGLU_IN_DOWN=0 forms it with torch ops, for comparison.
-SWIGLU_IN_DOWN = os.environ.get("ERNIE_SWIGLU_IN_DOWN", "1") != "0"
+# (8-layer int4 decode +1.8%).
+SWIGLU_IN_DOWN = True
 # The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
 _EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:
-    """For this one-token input: on CUDA, with Triton, not turned off (ERNIE_TRITON=0 keeps the
-    compiled multiply-and-sum form, for comparison), and an int4 group the kernel's blocks hold (the
-    word kernel also needs whole 32-bit words: K a multiple of 8)."""
-    return (
-        triton is not None
-        and x.is_cuda
-        and x.shape[0] == 1
-        and ENABLED
-        and (fmt != "int4" or (group_size in (32, 64, 128) and (INT4_KERNEL == "bytes" or x.shape[-1] % 8 == 0)))
-    )
+    """For this one-token input: on CUDA, with Triton, and a weight format the kernels take."""
+    return triton is not None and x.is_cuda and x.shape[0] == 1 and takes(fmt, group_size)
+
+
+def takes(fmt: str, group_size: int) -> bool:
+    """Whether the kernels take this weight format: an int4 group their blocks hold."""
+    return fmt != "int4" or group_size in (32, 64, 128)
 
 
 def usable_eagerly(x: torch.Tensor) -> bool:
-    """For the Triton kernels of eager CUDA code (gpu_elementwise, gpu_dequant): CUDA with Triton,
-    not turned off by ERNIE_TRITON=0, and not being traced by torch.compile (Inductor fuses that
-    work itself)."""
-    return triton is not None and x.is_cuda and ENABLED and not torch.compiler.is_compiling()
+    """For the Triton kernels of eager CUDA code (elementwise, dequant): CUDA with Triton, and not
+    being traced by torch.compile (Inductor fuses that work itself)."""
+    return triton is not None and x.is_cuda and not torch.compiler.is_compiling()
 
 
 def uses_dp4a(fmt: str, k: int) -> bool:
     """Whether gemv() rounds x to int8 for this weight format and K: int8 or int4 weights, K in whole
-    words of either (a multiple of 8), and not turned off by ERNIE_DP4A=0. For int8 on every matrix
+    words of either (a multiple of 8), and DP4A set. For int8 on every matrix
     too: keeping the float kernel on the single matrices, where rounding x costs more than dp4a
     saves, lost 10% of 8-layer decode (docs/performance.md)."""
     return DP4A and fmt in ("int8", "int4") and k % 8 == 0
@@ -99,14 +90,6 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         return tl.program_id(1), rows, rows < N
 
-    # ERNIE_GEMV_IDX_LOOKS_WRITTEN=1 passes the rows through a call that also takes idx_ptr, as the
-    # kernels were before: Inductor then copies idx before every launch again. For the A/B only.
-    _IDX_LOOKS_WRITTEN = tl.constexpr(os.environ.get("ERNIE_GEMV_IDX_LOOKS_WRITTEN", "0") == "1")
-
-    @triton.jit
-    def _passed_through(idx_ptr, rows, row_ok):
-        return rows, row_ok
-
     @triton.jit
     def _program_expert(idx_ptr, HAS_IDX: tl.constexpr):
         # A call of its own, apart from _program_rows: Inductor's analysis takes every result of a
@@ -129,71 +112,6 @@ if triton is not None:
                 (4, 128, 4), (8, 128, 4), (8, 256, 4),
             )
         ]
-
-    @triton.autotune(configs=_int4_configs(), key=["N", "K8", "P"], **_keep)
-    @triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
-    @triton.jit
-    def _gemv_int4(
-        x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
-        N, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
-        K8: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_IDX: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr,
-    ):
-        # Why this shape: the codes are read as 32-bit words of 8 nibbles (word c holds columns 8c..8c+7,
-        # nibble i in bits 4i..4i+3), and nibble i is turned into a float where it lies, q * 16^j (j = i,
-        # or i - 3 for nibbles 5-7, read from the word shifted 12 bits down): one AND and one
-        # int-to-float, with x scaled by 16^-j instead. x is read once per program and step, one vector
-        # per nibble, and broadcast over the rows; a group's words are summed in registers. The byte
-        # loop (_gemv) spends about 12 SASS instructions a weight (one-byte loads with a mask each,
-        # layout shuffles); this one about 4.3.
-        slot, rows, row_ok = _program_rows(N, BLOCK_N)
-        e = _program_expert(idx_ptr, HAS_IDX)
-        if _IDX_LOOKS_WRITTEN:
-            rows, row_ok = _passed_through(idx_ptr, rows, row_ok)
-        NGW: tl.constexpr = BLOCK_W // GROUP_WORDS
-        G: tl.constexpr = (K8 + GROUP_WORDS - 1) // GROUP_WORDS  # the last group may be partial
-        EVEN: tl.constexpr = K8 % BLOCK_W == 0
-        w_base = w_ptr + e * w_expert_stride + rows[:, None].to(tl.int64) * w_row_stride
-        s_base = s_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
-        z_base = z_ptr + e * s_expert_stride + rows[:, None].to(tl.int64) * s_row_stride
-        x_base = x_ptr + slot * x_slot_stride
-        c = tl.arange(0, BLOCK_W)
-        gi = tl.arange(0, NGW)
-        acc = tl.zeros((BLOCK_N, NGW), tl.float32)
-        for w0 in range(0, K8, BLOCK_W):
-            cw = w0 + c
-            if EVEN and EVEN_N:  # no masks at all: a masked load costs a zeroing move per register
-                ok = tl.full((BLOCK_N, BLOCK_W), 1, tl.int1)
-                gok = tl.full((BLOCK_N, NGW), 1, tl.int1)
-                x_ok = tl.full((BLOCK_W,), 1, tl.int1)
-            else:
-                x_ok = cw < K8
-                ok = row_ok[:, None] & x_ok[None, :]
-                gok = row_ok[:, None] & ((w0 // GROUP_WORDS + gi) < G)[None, :]
-            p = tl.load(w_base + cw[None, :], mask=ok, other=0).to(tl.uint32, bitcast=True)
-            p12 = p >> 12  # nibbles 5-7 at bits 8-19
-            for i in tl.static_range(8):
-                xi = tl.load(x_base + 8 * cw + i, mask=x_ok, other=0.0).to(tl.float32)
-                if i < 5:
-                    f = (p & (15 << (4 * i))).to(tl.float32)
-                    xj = xi * (0.0625 ** i)
-                else:
-                    f = (p12 & (15 << (4 * i - 12))).to(tl.float32)
-                    xj = xi * (0.0625 ** (i - 3))
-                if i == 0:
-                    d = f * xj[None, :]
-                    xsum = xi
-                else:
-                    d += f * xj[None, :]
-                    xsum += xi
-            dg = tl.sum(tl.reshape(d, (BLOCK_N, NGW, GROUP_WORDS)), 2)
-            xg = tl.sum(tl.reshape(xsum, (NGW, GROUP_WORDS)), 1)[None, :]  # x's group sums: offset and zeros
-            g = w0 // GROUP_WORDS + gi
-            s = tl.load(s_base + g[None, :], mask=gok, other=0.0).to(tl.float32)
-            z = tl.load(z_base + g[None, :], mask=gok, other=0.0).to(tl.float32)
-            acc += s * (dg - 8.0 * xg) + z * xg
-        y = tl.sum(acc, 1)
-        tl.store(out_ptr + slot * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _dp4a(a, b, c, EMULATE: tl.constexpr):
@@ -229,8 +147,6 @@ if triton is not None:
         # per program (int8's shared experts) ran slower here than in _gemv, timed alone.
         slot, rows, row_ok = _program_rows(N, BLOCK_N)
         e = _program_expert(idx_ptr, HAS_IDX)
-        if _IDX_LOOKS_WRITTEN:
-            rows, row_ok = _passed_through(idx_ptr, rows, row_ok)
         NGW: tl.constexpr = BLOCK_W // GROUP_WORDS
         EVEN: tl.constexpr = KW % BLOCK_W == 0
         COLS: tl.constexpr = 8 if FMT == 2 else 4  # columns a word holds
@@ -297,8 +213,6 @@ if triton is not None:
     ):
         slot, rows, row_ok = _program_rows(N, BLOCK_N)
         e = _program_expert(idx_ptr, HAS_IDX)
-        if _IDX_LOOKS_WRITTEN:
-            rows, row_ok = _passed_through(idx_ptr, rows, row_ok)
         x_base = x_ptr + slot * x_slot_stride
         if FMT == 2:
             # The codes are put back in column order in registers (join + reshape) so that x is read
@@ -357,7 +271,7 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     forms it while loading x (a decode step saves the kernel that would write it); the other kernels
     get it from torch ops first.
 
-    int4 needs a group size of 32, 64 or 128, and the word kernel K a multiple of 8 (usable() checks);
+    int4 needs a group size of 32, 64 or 128 (takes() checks);
     int8 and int4 go through the dp4a kernel where uses_dp4a() says so, else through the float kernels.
     block=(BLOCK_N, BLOCK_K) skips the tuner (tests under TRITON_INTERPRET, benchmarks)."""
     x = x.contiguous()
@@ -383,15 +297,6 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
             n, p, w_stride // 4, s_stride, words.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
             KW=k // cols, FMT=FORMATS[fmt], GROUP_WORDS=(group_size if fmt == "int4" else 64) // cols,
             HAS_IDX=experts is not None, EMULATE=_EMULATE_DP4A, SWIGLU=swiglu, **fixed,
-        )
-        return out
-    if fmt == "int4" and INT4_KERNEL != "bytes":
-        words = weight.view(torch.int32)
-        kernel, fixed = (_gemv_int4, {}) if block is None else (_gemv_int4.fn, {"BLOCK_N": block[0], "BLOCK_W": block[1] // 8})
-        kernel[grid](
-            x, k if per_expert_x else 0, experts if experts is not None else dummy, words, scales, zeros, out,
-            n, p, w_stride // 4, s_stride, words.stride(-2), scales.stride(-2),
-            K8=k // 8, GROUP_WORDS=group_size // 8, HAS_IDX=experts is not None, **fixed,
         )
         return out
     kernel, fixed = (_gemv, {}) if block is None else (_gemv.fn, {"BLOCK_N": block[0], "BLOCK_K": block[1]})

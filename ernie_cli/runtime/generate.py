@@ -1,0 +1,101 @@
+"""The token loop: one prefill over the prompt, then one step per new token through the decoder."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from ernie_cli.errors import ErnieError
+from ernie_cli.model.ernie import ErnieForCausalLM
+from ernie_cli.runtime.decoder import Decoder
+from ernie_cli.runtime.sampling import Sampler
+
+
+@dataclass
+class Step:
+    token: int
+    logprob: float | None = None  # of the chosen token, under the model's unfiltered distribution
+    top: list[tuple[int, float]] | None = None  # the n most likely [id, logprob] pairs
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    decoded_tokens: int = 0  # tokens produced by decode steps (the first comes from the prefill)
+    _t0: float = field(default=0.0, repr=False)
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decoded_tokens / self.decode_s if self.decode_s else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: ErnieForCausalLM,
+    prompt: list[int],
+    max_new_tokens: int,
+    sampler: Sampler,
+    stop_ids: set[int] | frozenset[int] = frozenset(),
+    logprobs: int | None = None,
+    timings: Timings | None = None,
+    decoder: Decoder | None = None,
+) -> Iterator[Step]:
+    """Yield generated tokens one by one; stops after a stop id (which is yielded) or max_new_tokens.
+
+    The caller may stop iterating at any point (a stop string matched, the pipe closed).
+    """
+    device = model.device
+    decoder = decoder or Decoder(model)
+    timings = timings if timings is not None else Timings()
+    timings.prompt_tokens = len(prompt)
+    decoder.reserve(len(prompt) + max_new_tokens)
+    ids = torch.tensor([prompt], dtype=torch.long, device=device)
+    sampler.observe_prompt(ids[0])
+
+    start = time.perf_counter()
+    logits = decoder.prefill(ids)[0].float()
+    pos = len(prompt)
+    for i in range(max_new_tokens):
+        # NaN or Inf logits (damaged weights, a dtype's range overflowed) would still yield a token
+        # (<unk>, over and over); -1 marks them instead, read with the token in the sync it already costs.
+        token = torch.where(torch.isfinite(logits).all(), sampler(logits), -1)
+        step = Step(int(token))  # the one host sync per token: the caller needs the id to print it
+        if step.token < 0:
+            where = "for the prompt" if i == 0 else f"at generated token {i + 1}"
+            raise ErnieError(
+                f"the model's logits are not finite (NaN or Inf) {where}: its weights are damaged or overflow "
+                "this dtype; download the model again, or try --dtype float32."
+            )
+        sampler.observe(token)
+        if logprobs is not None:
+            lp = torch.log_softmax(logits, dim=-1)
+            step.logprob = float(lp[step.token])
+            if logprobs > 0:
+                values, idx = torch.topk(lp, logprobs)
+                step.top = list(zip(idx.tolist(), values.tolist()))
+        now = time.perf_counter()
+        if i == 0:
+            timings.prefill_s = now - start
+        else:
+            timings.decode_s += now - start
+            timings.decoded_tokens += 1
+        yield step
+        if step.token in stop_ids or i == max_new_tokens - 1:
+            return
+        start = time.perf_counter()
+        logits = decoder(token.view(1, 1), pos)[0].float()
+        pos += 1
