@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,9 @@ class _Server(uvicorn.Server):
 
     @contextlib.contextmanager
     def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # served from a thread (benchmarks): no signals
+            yield
+            return
         previous = {sig: signal.signal(sig, self._signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             yield
@@ -86,7 +90,13 @@ def listen(host: str, port: int) -> socket.socket:
 def build_state(opts: Options, progress=None) -> ServeState:
     """Load the model and tokenizer, size the KV pool, start nothing yet."""
     runtime = completion.load_runtime(opts.model_dir, opts.device, opts.dtype, opts.max_context, opts.quantize, progress, compile="off")
-    model, cfg = runtime.model, runtime.config
+    names = frozenset({opts.model, opts.model_dir.name, str(opts.model_dir)})
+    return make_state(runtime.model, runtime.tokenizer, opts, names, runtime.generation_defaults, completion.stop_token_ids(runtime))
+
+
+def make_state(model, tokenizer, opts: Options, names: frozenset[str], generation_defaults: dict, stop_ids: frozenset[int]) -> ServeState:
+    """The KV pool sized from the memory free beside the model, the scheduler, and what the routes need."""
+    cfg = model.config
     context = context_of(cfg, opts.max_context)
     tokens = pool_tokens(model, available_bytes(model.device), opts.max_batch * context)
     if tokens < 2 * BLOCK:
@@ -97,11 +107,16 @@ def build_state(opts: Options, progress=None) -> ServeState:
     engine = BatchDecoder(model, tokens, context)
     info(f"KV cache: {engine.tokens:,} tokens in {engine.bytes / 1024**3:.2f} GiB (blocks of {BLOCK}) on {model.device}; "
          f"up to {opts.max_batch} sequences at once, {context:,} tokens each at most", opts.quiet)
-    defaults = {k: v for k, v in runtime.generation_defaults.items() if k in ("temperature", "top_k", "top_p", "min_p",
+    defaults = {k: v for k, v in generation_defaults.items() if k in ("temperature", "top_k", "top_p", "min_p",
                 "repetition_penalty", "presence_penalty", "frequency_penalty")}
-    names = frozenset({opts.model, opts.model_dir.name, str(opts.model_dir)})
-    return ServeState(Scheduler(engine, opts.max_batch, opts.max_queue), runtime.tokenizer, cfg.vocab_size, opts.model, names,
-                      context, completion.stop_token_ids(runtime), defaults, opts.api_key)
+    return ServeState(Scheduler(engine, opts.max_batch, opts.max_queue), tokenizer, cfg.vocab_size, opts.model, names,
+                      context, stop_ids, defaults, opts.api_key)
+
+
+def uvicorn_server(state: ServeState) -> "_Server":
+    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off",
+                            timeout_graceful_shutdown=int(GRACE_S) + 5, timeout_keep_alive=5)
+    return _Server(config, lambda: state.scheduler.stop(GRACE_S))
 
 
 def serve(opts: Options, progress=None, stop_progress=lambda: None) -> None:
@@ -112,9 +127,7 @@ def serve(opts: Options, progress=None, stop_progress=lambda: None) -> None:
         finally:
             stop_progress()
         scheduler = state.scheduler
-        config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=int(GRACE_S) + 5, timeout_keep_alive=5)
-        server = _Server(config, lambda: scheduler.stop(GRACE_S))
+        server = uvicorn_server(state)
         scheduler.start()
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
