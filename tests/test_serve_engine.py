@@ -180,3 +180,18 @@ def test_cancelled_request_leaves_at_the_next_step(runtime):
     n = len(got)
     _drain(scheduler)
     assert len(got) == n  # nothing more was sent to the cancelled job
+
+
+def test_non_finite_logits_end_the_request_with_an_error(runtime):
+    scheduler = _scheduler(runtime)
+    job, got = _job(runtime, PROMPTS[0], 5)
+    scheduler.submit(job)
+    norm = runtime.model.norm.weight
+    saved = norm.clone()
+    try:
+        norm.fill_(float("nan"))
+        scheduler.step()
+    finally:
+        norm.copy_(saved)
+    assert [u.error is not None for u in got] == [True] and "not finite" in got[0].error
+    assert not scheduler.running and len(scheduler.engine.free) * BLOCK == scheduler.engine.tokens

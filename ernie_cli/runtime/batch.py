@@ -142,6 +142,7 @@ class BatchDecoder:
         batch = Ragged(torch.tensor(positions, device=device), torch.cat([s[start:] for _, _, start, s in spans]), spans)
         tokens = torch.tensor([ids], device=device)
         logits = self.model(tokens, batch, self.cache, last=torch.tensor(rows, device=device))[0].float()
+        finite = torch.isfinite(logits).all(dim=-1).tolist() if rows else []  # one check and one sync for all rows
         out: dict[int, Output] = {}
         for i, seq, start, t, lo, hi, ends in plan:
             result = Output()
@@ -149,7 +150,7 @@ class BatchDecoder:
                 result.prompt = self._prompt_logprobs(seq, logits[lo:hi], start)
             seq.done = start + t
             if ends and seq.max_new > 0:
-                result.step = self._sample(seq, logits[hi - 1])
+                result.step = self._sample(seq, logits[hi - 1]) if finite[hi - 1] else Step(-1)
             out[i] = result
         return out
 
@@ -167,12 +168,10 @@ class BatchDecoder:
         return list(zip(chosen, tops))
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> Step:
-        """As runtime/generate does for one sequence; token -1 marks logits that are not finite."""
+        """As runtime/generate does for one sequence (the logits are known to be finite)."""
         sampler = seq.sampler
-        token = torch.where(torch.isfinite(logits).all(), sampler(logits), -1)
+        token = sampler(logits)
         step = Step(int(token))
-        if step.token < 0:
-            return step
         sampler.observe(token)
         seq.generated.append(step.token)
         if seq.logprobs is not None:
