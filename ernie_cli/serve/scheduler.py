@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ernie_cli.runtime.batch import BLOCK, BatchDecoder, Sequence
+from ernie_cli.runtime.batch import BatchDecoder, Sequence
 from ernie_cli.runtime.completion import TextStream
 from ernie_cli.text.tokenizer import ErnieTokenizer
 
@@ -116,10 +116,6 @@ class Scheduler:
     def join(self, timeout: float | None = None) -> None:
         if self.thread is not None:
             self.thread.join(timeout)
-
-    @property
-    def load(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting), "free_tokens": len(self.engine.free) * BLOCK}
 
     # ---- the engine's thread ------------------------------------------------------------------------
 
