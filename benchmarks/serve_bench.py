@@ -18,7 +18,6 @@ import argparse
 import http.client
 import json
 import random
-import statistics
 import sys
 import threading
 import time

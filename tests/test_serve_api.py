@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import openai
 import pytest
 import torch
-from serve_fixtures import ENV, Server, served_model, start_server  # noqa: F401 - fixtures
+from serve_fixtures import ENV, Server
 from tiny_models import load_reference
 
 PROMPT = "The capital of France is"
@@ -27,7 +27,7 @@ CONTEXT = 256
 
 
 @pytest.fixture(scope="module")
-def server(served_model):  # noqa: F811
+def server(served_model):
     s = Server(served_model, "--max-context", str(CONTEXT), "--max-batch", "8")
     yield s
     s.stop(signal.SIGKILL)
@@ -39,7 +39,7 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def reference(served_model):  # noqa: F811
+def reference(served_model):
     from tokenizers import Tokenizer
 
     return load_reference(served_model), Tokenizer.from_file(str(served_model / "tokenizer.json"))
@@ -97,7 +97,7 @@ def _model(client):
     return client.models.list().data[0].id
 
 
-def test_models_and_health(server, client, served_model):  # noqa: F811
+def test_models_and_health(server, client, served_model):
     models = client.models.list().data
     assert [m.id for m in models] == [str(served_model)] and models[0].object == "model"
     assert raw(server, "GET", "/health")[0] == 200
@@ -250,7 +250,7 @@ def test_max_tokens_past_the_context_is_cut_to_it(client):
 # ---- security, limits, stopping ------------------------------------------------------------------------
 
 
-def test_api_key(start_server):  # noqa: F811
+def test_api_key(start_server):
     server = start_server(env=dict(ENV, ERNIE_API_KEY="sekrit"))
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sekrit"}):
         status, _, answer = raw(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}, headers)
@@ -282,7 +282,7 @@ def _events(response):
 LONG = {"prompt": PROMPT, "max_tokens": 4000, "temperature": 0, "ignore_eos": True}  # seconds of decoding
 
 
-def test_queue_bound_and_cancellation_free_the_slot(start_server):  # noqa: F811
+def test_queue_bound_and_cancellation_free_the_slot(start_server):
     """One slot, one place in the queue: of two more requests one waits and one is a 503 with
     Retry-After; a client that disconnects mid-stream frees its slot, and the waiting one runs at once."""
     server = start_server("--max-batch", "1", "--max-queue", "1")
@@ -308,7 +308,7 @@ def test_queue_bound_and_cancellation_free_the_slot(start_server):  # noqa: F811
     assert answers[1][0] == 200 and time.monotonic() - start < 3  # not after the first's 4000 tokens
 
 
-def test_sigterm_stops_cleanly_aborting_what_is_in_flight(start_server):  # noqa: F811
+def test_sigterm_stops_cleanly_aborting_what_is_in_flight(start_server):
     server = start_server()
     conn, stream = _stream(server, LONG)
     events = _events(stream)
@@ -324,7 +324,7 @@ def test_sigterm_stops_cleanly_aborting_what_is_in_flight(start_server):  # noqa
         raw(server, "GET", "/health")
 
 
-def test_ctrl_c_when_idle_exits_0_at_once(start_server):  # noqa: F811
+def test_ctrl_c_when_idle_exits_0_at_once(start_server):
     server = start_server()
     assert raw(server, "GET", "/health")[0] == 200
     server.proc.send_signal(signal.SIGINT)
@@ -341,7 +341,7 @@ def ernie(*args, env=None, stdin=b""):
                           env=env or ENV, timeout=120)
 
 
-def test_complete_through_the_server_prints_what_a_local_run_prints(server, served_model):  # noqa: F811
+def test_complete_through_the_server_prints_what_a_local_run_prints(server, served_model):
     local_args = ["-m", str(served_model), "--dtype", "float32", "--max-context", str(CONTEXT)]
     for args in (["-t", "0", "-n", "12", "--json", "--logprobs", "3", "-q", PROMPT], ["-s", "5", "-n", "20", "--echo", "-q", "今天 🌧️"]):
         remote = ernie("--server", server.url, "-m", str(served_model), *args)

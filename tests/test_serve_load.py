@@ -7,12 +7,11 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import signal
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import pytest
-from serve_fixtures import Server, served_model  # noqa: F401 - fixture
+from serve_fixtures import Server
 
 REQUESTS, CLIENTS, TIMEOUT_S = 200, 32, 60
 PROMPTS = ["The capital of France is", "今天的天气", "1, 2, 3,", "Once upon a time", "def f(x):", "🌧️ rain"]
@@ -20,7 +19,7 @@ RSS_SLACK = 48 * 1024 * 1024  # what allocator caches and interpreter free lists
 
 
 @pytest.fixture(scope="module")
-def server(served_model):  # noqa: F811
+def server(served_model):
     s = Server(served_model, "--max-batch", "8", "--max-context", "512")
     yield s
     assert s.stop() == 0
