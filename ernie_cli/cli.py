@@ -38,7 +38,7 @@ def _app():
 
         app = typer.Typer(
             name="ernie",
-            help="Run Baidu's ERNIE 4.5 text models in plain PyTorch: download, complete, quantize, bench.",
+            help="Run Baidu's ERNIE 4.5 text models in plain PyTorch: download, complete, serve, quantize, bench.",
             no_args_is_help=True,
             add_completion=False,
             pretty_exceptions_enable=False,

@@ -7,6 +7,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 SHARED = TESTS.parent.parent / "shared"
 TOKENIZER_DIR = SHARED / "ernie-tokenizer"
+pytest_plugins = ["serve_fixtures"]  # the `ernie serve` fixtures (served_model, start_server)
 
 
 @pytest.fixture(scope="session")

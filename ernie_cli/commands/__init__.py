@@ -11,6 +11,7 @@ _COMMANDS = [
     ("complete", "complete", "complete"),
     ("quantize", "quantize", "quantize"),
     ("bench", "bench", "bench"),
+    ("serve", "serve", "serve"),
 ]
 
 

@@ -61,6 +61,7 @@ def complete(
     no_stdin: Annotated[bool, typer.Option("--no-stdin", envvar="ERNIE_NO_STDIN", show_envvar=False, help="Never read stdin, even when it is piped: for scripts and `while read` loops (also ERNIE_NO_STDIN=1).")] = False,
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network (as HF_HUB_OFFLINE=1).")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No summary line on stderr.")] = False,
+    server: Annotated[Optional[str], typer.Option("--server", envvar="ERNIE_SERVER", show_envvar=False, help="Ask a running `ernie serve` at this URL instead of loading the model (also ERNIE_SERVER); its key from ERNIE_API_KEY.", show_default=False)] = None,
 ) -> None:
     """Continue PROMPT with the model and stream the text to stdout. Statistics go to stderr."""
     from ernie_cli.text import prompt as prompt_module
@@ -95,6 +96,18 @@ def complete(
     if echo and as_json:
         warn("--echo has no effect with --json, whose \"prompt\" field already holds the prompt.")
     src = prompt_module.sources(prompt, file, no_stdin)
+    if server:
+        from ernie_cli.serve import client
+
+        local = dict(device=device != "auto", dtype=dtype != "auto", quantize=quantize is not None, compile=compile != "auto",
+                     offline=offline, max_context=max_context is not None)
+        unused = [f"--{k.replace('_', '-')}" for k, v in local.items() if v]
+        if unused:
+            warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with --server: the server's own options apply.")
+        explicit = None if model == DEFAULT_MODEL else model
+        client.complete(server, src, model=explicit, max_tokens=max_tokens, sampling={k: v for k, v in chosen.items() if v is not None},
+                        seed=seed, stops=stops, ignore_eos=ignore_eos, echo=echo, as_json=as_json, logprobs=logprobs, quiet=quiet)
+        return
 
     from ernie_cli.weights.hub import resolve_model
 

@@ -28,6 +28,7 @@ from ernie_cli.kernels.triton import gemv as triton_gemv
 from ernie_cli.kernels.triton import grouped as triton_grouped
 from ernie_cli.kernels.triton import router as triton_router
 from ernie_cli.kernels.triton.gemv import triton
+from ernie_cli.model.cache import Ragged
 
 TRITON = triton is not None and os.environ.get("ERNIE_TRITON", "1") != "0"
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -125,7 +126,11 @@ def attention(q, k, v, cache_k, cache_v, cos, sin, start, scale: float) -> torch
     q [B, T, H, d], k/v [B, T, KV, d] as projected (not rotated). start: the first position, an int
     (eager), or a one-element device tensor (the decode graph: T == 1). cos/sin: the RoPE rows of
     positions start..start+T-1 (eager), or the whole tables (decode graph). Writes the new keys and
-    values into cache_k/cache_v [B, KV, S, d] and returns [B, T, H * d]."""
+    values into cache_k/cache_v [B, KV, S, d] and returns [B, T, H * d].
+
+    start may also be a Ragged batch (several sequences in a paged cache): see ragged_attention."""
+    if isinstance(start, Ragged):
+        return ragged_attention(q, k, v, cache_k, cache_v, cos, sin, start, scale)
     b, t = q.shape[:2]
     if isinstance(start, torch.Tensor):
         if TRITON and triton_attention.usable(q.transpose(1, 2), cache_k):
@@ -153,6 +158,34 @@ def attention(q, k, v, cache_k, cache_v, cos, sin, start, scale: float) -> torch
         mask, causal = torch.arange(end, device=q.device)[None, :] <= rows, False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
     return out.transpose(1, 2).reshape(b, t, -1)
+
+
+def ragged_attention(q, k, v, cache_k, cache_v, cos, sin, batch: Ragged, scale: float) -> torch.Tensor:
+    """Several sequences packed in one row: q [1, N, H, d], k/v [1, N, KV, d]; cos/sin [N, d], each
+    token's own row. Every token's key and value go to its slot of the paged cache
+    (cache_k/cache_v [slots, KV, d]); then each sequence attends over its own slots, causally, with
+    the same masks as one sequence alone. Every other operation of the forward runs once over all N
+    tokens (so each selected expert's weights are read once per step for all the tokens routed to it);
+    only this loop is per sequence."""
+    q, k = rope(q, cos, sin)[0], rope(k, cos, sin)[0]
+    cache_k.index_copy_(0, batch.slots, k)
+    cache_v.index_copy_(0, batch.slots, v[0])
+    outs = []
+    for offset, t, start, slots in batch.spans:
+        keys = cache_k.index_select(0, slots).transpose(0, 1)[None]  # [1, KV, end, d]
+        values = cache_v.index_select(0, slots).transpose(0, 1)[None]
+        query = q[offset : offset + t].transpose(0, 1)[None]  # [1, H, t, d]
+        end = start + t
+        if t == 1:
+            mask, causal = None, False
+        elif start == 0:
+            mask, causal = None, True
+        else:
+            rows = torch.arange(t, device=q.device)[:, None] + start
+            mask, causal = torch.arange(end, device=q.device)[None, :] <= rows, False
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
+        outs.append(out[0].transpose(0, 1).reshape(t, -1))
+    return torch.cat(outs)[None]
 
 
 # ---- §2.5 the router -----------------------------------------------------------------------------------

@@ -54,3 +54,47 @@ class KVCache(nn.Module):
 def cache_bytes(layers: int, kv_heads: int, head_dim: int, positions: int, dtype: torch.dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
     return 2 * layers * kv_heads * head_dim * positions * size
+
+
+# ---- many sequences in one cache: the server's batches --------------------------------------------------
+
+
+class Ragged:
+    """Several sequences' new tokens packed into one row [1, N], each at its own positions.
+
+    Stands where a forward takes its first position. positions [N]: each token's position in its own
+    sequence; slots [N]: the cache slot its key and value go to; spans: per sequence, (its first
+    token's offset in the row, its count of new tokens, its first position, the slots of its
+    positions 0..first + count - 1 in order)."""
+
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, spans: list[tuple[int, int, int, torch.Tensor]]):
+        self.positions, self.slots, self.spans = positions, slots, spans
+
+
+class PagedKVCache(nn.Module):
+    """Keys and values of many sequences in one pool of slots [slots, kv_heads, head_dim] per layer,
+    handed out in blocks of `block` consecutive slots: a sequence holds a list of blocks, so its
+    memory need not be one piece and is returned the moment it ends."""
+
+    def __init__(self, layers: int, blocks: int, block: int, kv_heads: int, head_dim: int, positions: int,
+                 dtype: torch.dtype, device, rope: Callable[[int], tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.block, self.blocks = block, blocks
+        self.layers = nn.ModuleList(LayerCache((blocks * block, kv_heads, head_dim), dtype, device) for _ in range(layers))
+        cos, sin = rope(positions)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def capacity(self) -> int:
+        """The most positions one sequence may reach (the RoPE tables' length)."""
+        return self.rope_cos.shape[0]
+
+    def slots_of(self, blocks: list[int], positions: int) -> torch.Tensor:
+        """The slots holding positions 0..positions-1 of a sequence that owns `blocks`, in order."""
+        ids = torch.tensor(blocks, dtype=torch.long, device=self.rope_cos.device)
+        return (ids[:, None] * self.block + torch.arange(self.block, device=ids.device)).flatten()[:positions]
+
+
+def paged_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return cache_bytes(layers, kv_heads, head_dim, 1, dtype)

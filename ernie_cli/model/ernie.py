@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ernie_cli.kernels import ops
-from ernie_cli.model.cache import KVCache, LayerCache
+from ernie_cli.model.cache import KVCache, LayerCache, PagedKVCache, Ragged
 from ernie_cli.model.config import ErnieConfig
 
 
@@ -222,17 +222,21 @@ class ErnieForCausalLM(nn.Module):
     def head_weight(self):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, tokens: torch.Tensor, start=0, cache: KVCache | None = None, last=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start=0, cache: KVCache | PagedKVCache | None = None, last=None) -> torch.Tensor:
         """tokens [B, T] at positions start..start+T-1 -> logits [B, T', V].
 
-        start: an int, or a one-element device tensor (the one-token step inside a CUDA graph).
+        start: an int, or a one-element device tensor (the one-token step inside a CUDA graph), or
+        a Ragged batch: tokens [1, N] of several sequences, each at its own positions in a paged cache.
         last: None for every position's logits; an int or a one-element device tensor for that
-        position's alone (T' = 1), which spares the head's product over the rest of a prompt.
+        position's alone (T' = 1), which spares the head's product over the rest of a prompt; a
+        longer tensor of indices for those positions' (a batch's last token of each sequence).
         Without a cache, one sized for this call is made (a one-off full forward)."""
         t = tokens.shape[1]
         if cache is None:
             cache = self.new_cache(tokens.shape[0], t)
-        if isinstance(start, torch.Tensor):  # the graph: each attention reads the row at start itself
+        if isinstance(start, Ragged):  # every token has its own position
+            cos, sin = cache.rope_cos[start.positions], cache.rope_sin[start.positions]
+        elif isinstance(start, torch.Tensor):  # the graph: each attention reads the row at start itself
             cos, sin = cache.rope_cos, cache.rope_sin
         else:
             if start + t > cache.capacity:

@@ -87,7 +87,7 @@ def install(
     set_param(model, name, QuantWeight(fmt, shape, group_size, backend).load(tensors, device))
 
 
-def _finish(model: ErnieForCausalLM, spec: QuantSpec) -> ErnieForCausalLM:
+def finish(model: ErnieForCausalLM, spec: QuantSpec) -> ErnieForCausalLM:
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]  # a quantized weight's tensors are never meta
     if left:
         raise RuntimeError(f"parameters never loaded: {left[:3]}")
@@ -163,7 +163,7 @@ def load_quantized_dir(model_dir: Path, cfg: ErnieConfig, device: torch.device, 
                     progress(done, total)
     finally:
         reader.close()
-    return _finish(model, spec)
+    return finish(model, spec)
 
 
 # ---- a float checkpoint, quantized on the way in ----------------------------------------------------
@@ -205,7 +205,7 @@ def quantize_while_loading(
                 del tensors
     finally:
         reader.close()
-    return _finish(model, spec)
+    return finish(model, spec)
 
 
 # ---- a float model already in memory ---------------------------------------------------------------
@@ -233,12 +233,17 @@ def quantize_in_place(model: ErnieForCausalLM, spec: QuantSpec) -> ErnieForCausa
     each float weight is freed as soon as its quantized form replaces it."""
     device, dtype = model.device, model.dtype
     for name, w in list(model.named_parameters()):
-        fmt = spec.format_of(name)
-        if fmt is None:
-            continue
-        tensors = _quantize_tensor(fmt, w, spec.group_size, spec.refine_steps)
-        shape = tuple(w.shape)
+        quantize_weight(model, name, w, spec, device, dtype)
         del w
-        install(model, name, fmt, tensors, shape, spec.group_size, device, dtype)
-        del tensors
-    return _finish(model, spec)
+    return finish(model, spec)
+
+
+def quantize_weight(model: ErnieForCausalLM, name: str, w: torch.Tensor, spec: QuantSpec, device, dtype) -> bool:
+    """Put weight `name` in place quantized, where the spec quantizes it; False where it does not."""
+    fmt = spec.format_of(name)
+    if fmt is None:
+        return False
+    tensors = _quantize_tensor(fmt, w, spec.group_size, spec.refine_steps)
+    install(model, name, fmt, tensors, tuple(w.shape), spec.group_size, device, dtype)
+    return True
+

@@ -116,13 +116,15 @@ class StopMatcher:
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: str | None = None  # the stop string found (the earliest; the first listed on a tie)
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit now, whether a stop string was found)."""
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, n) for n, i in enumerate(self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, n = min(hits)
+            out, self.pending, self.matched = self.pending[:at], "", self.stops[n]
             return out, True
         keep = 0
         for s in self.stops:  # longest suffix of pending that is a proper prefix of a stop string
@@ -139,6 +141,43 @@ class StopMatcher:
         return out
 
 
+class TextStream:
+    """Generated ids in, final text out: whole characters only (StreamingDetokenizer), cut before
+    the first stop string (StopMatcher). `raw` counts the characters the ids spelled before any cut,
+    so a token's offset in the text is known as it arrives."""
+
+    def __init__(self, tokenizer: ErnieTokenizer, stops: list[str]):
+        self.detok = StreamingDetokenizer(tokenizer)
+        self.stops = StopMatcher(stops)
+        self.raw = 0
+
+    def add(self, token: int) -> tuple[str, bool]:
+        """(text made final by this token, whether a stop string was found)."""
+        return self._feed(self.detok.add(token))
+
+    def finish(self) -> tuple[str, bool]:
+        """The rest at the end of the sequence (not called after a stop string was found)."""
+        text, stopped = self._feed(self.detok.flush())
+        return (text, True) if stopped else (text + self.stops.flush(), False)
+
+    def _feed(self, piece: str) -> tuple[str, bool]:
+        self.raw += len(piece)
+        return self.stops.feed(piece)
+
+    @property
+    def stopped_at(self) -> str | None:
+        """The stop string that ended the text."""
+        return self.stops.matched
+
+
+def stop_token_ids(runtime: Runtime, ignore_eos: bool = False) -> frozenset[int]:
+    """The ids that end a completion: the model's end-of-text tokens, from every place that names them."""
+    if ignore_eos:
+        return frozenset()
+    tok, cfg = runtime.tokenizer, runtime.config
+    return frozenset(set(runtime.generation_defaults.get("eos_token_id", [])) | set(cfg.eos_token_ids) | {tok.eos_token_id})
+
+
 def run_completion(runtime: Runtime, request: Request, on_text: Callable[[str], None] = lambda s: None) -> Result:
     """Run one completion, calling on_text with each piece of final text as soon as it exists."""
     tok, cfg = runtime.tokenizer, runtime.config
@@ -147,12 +186,10 @@ def run_completion(runtime: Runtime, request: Request, on_text: Callable[[str], 
     if prompt_ids is None:
         prompt_ids = encode(tok, cfg, request.prompt, context, runtime.model_dir)
     max_new = min(request.max_tokens, context - len(prompt_ids))
-    eos = set(runtime.generation_defaults.get("eos_token_id", [])) | set(cfg.eos_token_ids) | {tok.eos_token_id}
-    stop_ids = frozenset() if request.ignore_eos else frozenset(eos)
+    stop_ids = stop_token_ids(runtime, request.ignore_eos)
 
     sampler = Sampler(request.sampling, cfg.vocab_size, runtime.model.device)
-    detok = StreamingDetokenizer(tok)
-    stops = StopMatcher(request.stop)
+    stream = TextStream(tok, request.stop)
     timings = Timings()
     tokens: list[int] = []
     logprobs: list[dict] | None = [] if request.logprobs is not None else None
@@ -175,16 +212,14 @@ def run_completion(runtime: Runtime, request: Request, on_text: Callable[[str], 
         if step.token in stop_ids:
             finish = "eos"
             break
-        text, stopped = stops.feed(detok.add(step.token))
+        text, stopped = stream.add(step.token)
         emit(text)
         if stopped:
             finish = "stop"
             break
     if finish != "stop":
-        text, stopped = stops.feed(detok.flush())
+        text, stopped = stream.finish()
         emit(text)
         if stopped:
             finish = "stop"
-        else:
-            emit(stops.flush())
     return Result("".join(pieces), prompt_ids, tokens, finish, logprobs, timings)

@@ -18,7 +18,7 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable
 
 from ernie_cli.console import warn
 from ernie_cli.errors import ErnieError, UsageError
@@ -96,6 +96,13 @@ def prepare(model_dir: Path, src: Sources, max_context: int | None) -> Prompt:
             f"(a token is at most {per_token} bytes): {_shorten(config, context)}"
         )
 
+    text = gather(src, limit, too_long)
+    return Prompt(text, encode(tokenizer, config, text, context, model_dir), tokenizer, config)
+
+
+def gather(src: Sources, limit: int | None, too_long: Callable[[], ErnieError]) -> str:
+    """The prompt's text from its sources, reading no more than limit + 1 bytes in all (too_long()
+    is raised past limit); needs no model."""
     parts = []
     budget = limit
     if src.argument is not None:
@@ -122,7 +129,7 @@ def prepare(model_dir: Path, src: Sources, max_context: int | None) -> Prompt:
     text = parts[0]
     for part in parts[1:]:
         text += part if not text or text[-1].isspace() else " " + part
-    return Prompt(text, encode(tokenizer, config, text, context, model_dir), tokenizer, config)
+    return text
 
 
 def encode(tokenizer: ErnieTokenizer, config: ErnieConfig, text: str, context: int, model_dir: Path) -> list[int]:

@@ -211,8 +211,12 @@ def _load_quantized(model_dir, cfg, device, dtype, progress, reserve_bytes, quan
     return qload.quantize_while_loading(model_dir, cfg, ckpt, params, spec, device, dtype, progress)
 
 
-def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> ErnieForCausalLM:
-    """The architecture with random weights generated directly on the device (for sizing and benchmarks)."""
+def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0, quantize=None) -> ErnieForCausalLM:
+    """The architecture with random weights generated directly on the device (for sizing and
+    benchmarks). quantize: a quant.spec.QuantSpec; each weight is then quantized as it is drawn, so
+    memory never holds more than the quantized model and one float weight."""
+    if quantize is not None:
+        from ernie_cli.quant.load import finish, quantize_weight
     device = torch.device(device)
     model = _empty_model(cfg)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -226,7 +230,9 @@ def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtyp
                 value.zero_()
             else:
                 value.normal_(0.0, 0.02, generator=gen)
-            set_param(model, name, value)
+            if quantize is None or not quantize_weight(model, name, value, quantize, device, dtype):
+                set_param(model, name, value)
+            del value
     model.eval()
-    return model
+    return model if quantize is None else finish(model, quantize)
 
