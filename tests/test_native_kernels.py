@@ -193,3 +193,104 @@ def test_prefill_expands_to_floats_and_decode_stays_integer(fmt, monkeypatch):
         y = quantized.matmul(weight, x)
         assert calls == (["dequantize"] if m >= native.PREFILL_TOKENS else [fmt])
         _check(y, x, w, moving)
+
+
+# ---- bf16 weights (VDPBF16PS) -------------------------------------------------------------------------
+
+_needs_bf16 = pytest.mark.skipif(native.kernels() is None or not native.kernels().has_bf16,
+                                 reason="the native bf16 kernel needs an x86 CPU with AVX512_BF16 and a C compiler")
+
+
+def _check_bf16(y, x, w, out_rounding):
+    """y [N] against float64 x [K] @ w [N, K].T. bf16 x bf16 products are exact in float32; each of the
+    16 float32 lanes adds K/32 pairs (two roundings each), then 16 lanes are summed: at most K/16 + 4
+    roundings in a chain, each of relative size 2^-24, on sum |x||w| (the standard bound gamma_n)."""
+    k = x.shape[-1]
+    ref = w.double() @ x.double()
+    n = k / 16 + 8
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    scale = w.double().abs() @ x.double().abs()
+    bound = gamma * scale * (1 + out_rounding) + out_rounding * ref.abs()
+    assert ((y.double() - ref).abs() <= bound).all(), f"max excess {((y.double() - ref).abs() - bound).max().item():.3g}"
+    assert bound.mean() < 0.01 * scale.mean()
+
+
+@_needs_bf16
+@pytest.mark.parametrize("n, k", [(37, 40), (64, 2560), (9, 100), (131, 1536)])  # K not a multiple of 32; N not of 4
+def test_bf16_gemv_within_the_float32_accumulation_bound(n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    w = (0.02 * torch.randn(n, k, generator=gen)).bfloat16()
+    x = torch.randn(k, generator=gen).bfloat16()
+    kern = native.kernels()
+    for out_dtype, rounding in ((torch.float32, 0.0), (torch.bfloat16, 2.0**-8)):
+        y = kern.bf16_gemv(w, x, out_dtype=out_dtype)
+        assert y.shape == (1, n) and y.dtype == out_dtype
+        _check_bf16(y[0], x, w, rounding)
+
+
+@_needs_bf16
+def test_bf16_gemv_selected_experts_and_per_expert_inputs():
+    gen = torch.Generator().manual_seed(2)
+    w = (0.02 * torch.randn(5, 24, 96, generator=gen)).bfloat16()
+    experts = torch.tensor([3, 0, 3, 4])
+    shared_x, own_x = torch.randn(96, generator=gen).bfloat16(), torch.randn(4, 96, generator=gen).bfloat16()
+    kern = native.kernels()
+    for x, per_expert in ((shared_x, False), (own_x, True)):
+        y = kern.bf16_gemv(w, x, experts, per_expert, out_dtype=torch.float32)
+        assert y.shape == (4, 24)
+        for p, e in enumerate(experts.tolist()):
+            _check_bf16(y[p], x[p] if per_expert else x, w[e], 0.0)
+
+
+@_needs_bf16
+def test_one_bf16_token_takes_the_native_kernel_and_many_take_torch(monkeypatch):
+    from ernie_cli.kernels import ops
+
+    kern = native.kernels()
+    calls = []
+    real = kern.bf16_gemv
+    monkeypatch.setattr(kern, "bf16_gemv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    gen = torch.Generator().manual_seed(4)
+    w = (0.02 * torch.randn(48, 256, generator=gen)).bfloat16()
+    one, many = torch.randn(1, 1, 256, generator=gen).bfloat16(), torch.randn(1, 5, 256, generator=gen).bfloat16()
+    y = ops.linear(one, w)
+    assert calls == [1] and y.shape == (1, 1, 48) and y.dtype == torch.bfloat16
+    _check_bf16(y[0, 0], one[0, 0], w, 2.0**-8)
+    ops.linear(many, w)
+    ops.linear(one.float(), w.float())
+    assert calls == [1]  # several tokens, and float32, stay with torch
+    monkeypatch.setenv("ERNIE_NATIVE", "0")
+    ops.linear(one, w)
+    assert calls == [1]
+
+
+@_needs_bf16
+def test_bf16_decode_with_the_native_kernel_stays_close_to_fp32(checkpoints, monkeypatch):
+    """One-token bf16 steps (the native GEMV for every linear and the selected experts) against the
+    float32 model's logits: as close as torch's bf16 matmuls get (their KL measured alike, same steps)."""
+    from ernie_cli.weights.loader import load_model
+
+    path, _ = checkpoints("moe")
+    ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(7))
+
+    def steps(dtype):
+        model = load_model(path, "cpu", dtype)
+        cache = model.new_cache(1, 32)
+        with torch.no_grad():
+            out = [model(ids[:, :8], 0, cache)[:, -1:]]
+            out += [model(ids[:, p : p + 1], p, cache) for p in range(8, 24)]
+        return torch.cat(out, 1).float()
+
+    def kl(p, q):
+        return torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean().item()
+
+    expected = steps(torch.float32)
+    kern = native.kernels()
+    calls = []
+    real = kern.bf16_gemv
+    monkeypatch.setattr(kern, "bf16_gemv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    ours = kl(expected, steps(torch.bfloat16))
+    assert len(calls) > 16 * 4  # every step's linears and experts went through the kernel
+    monkeypatch.setenv("ERNIE_NATIVE", "0")
+    torchs = kl(expected, steps(torch.bfloat16))
+    assert ours < 1e-3 and ours <= 1.5 * torchs + 1e-5
