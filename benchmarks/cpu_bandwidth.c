@@ -2,7 +2,7 @@
  * 3 runs each. The ceiling the CPU decode figures in docs/performance.md are compared with.
  * Build and run: gcc -O3 -march=native -fopenmp benchmarks/cpu_bandwidth.c -o /tmp/bwprobe && /tmp/bwprobe
  * As a library (benchmarks/cpu_decode_kernels.py, to probe in the same process as the kernels):
- * gcc -O3 -march=native -fopenmp -shared -fPIC -DPROBE_LIBRARY ... ; read_rate(threads) -> GB/s. */
+ * gcc -O3 -march=native -fopenmp -shared -fPIC -DPROBE_LIBRARY ... ; read_rate_median(threads) -> GB/s. */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -13,9 +13,9 @@ static const size_t n = (size_t)1 << 30, chunk = (size_t)1 << 20;
 static uint8_t *buf;
 static long long checksum;
 
-/* One pass over the buffer on `threads` threads: GB/s. */
-double read_rate(int threads) {
-    if (!buf) {
+/* One pass over `bytes` of the buffer (from `offset`) on `threads` threads: GB/s. */
+double read_part(int threads, size_t offset, size_t bytes) {
+    if (!buf) { /* the first call allocates (and faults in) the whole buffer */
         buf = aligned_alloc(64, n);
         if (!buf) return -1.0;
         for (size_t i = 0; i < n; i += 64) buf[i] = (uint8_t)i; /* fault every page in */
@@ -23,7 +23,7 @@ double read_rate(int threads) {
     double t = omp_get_wtime();
     long long total = 0;
 #pragma omp parallel for num_threads(threads) reduction(+ : total)
-    for (size_t c = 0; c < n; c += chunk) {
+    for (size_t c = offset; c < offset + bytes; c += chunk) {
         __m512i acc = _mm512_setzero_si512();
         for (size_t i = c; i < c + chunk; i += 256) {
             acc = _mm512_add_epi32(acc, _mm512_load_si512(buf + i));
@@ -35,7 +35,24 @@ double read_rate(int threads) {
     }
     t = omp_get_wtime() - t;
     checksum += total;
-    return n / t / 1e9;
+    return bytes / t / 1e9;
+}
+
+/* The whole buffer in one pass. */
+double read_rate(int threads) { return read_part(threads, 0, n); }
+
+/* The median of the four quarters, each read in its own pass: a shared machine's pauses hit one
+ * pass, not the figure. */
+double read_rate_median(int threads) {
+    double r[4];
+    for (int i = 0; i < 4; i++) r[i] = read_part(threads, i * (n / 4), n / 4);
+    for (int i = 0; i < 4; i++)
+        for (int j = i + 1; j < 4; j++)
+            if (r[j] < r[i]) {
+                double x = r[i];
+                r[i] = r[j], r[j] = x;
+            }
+    return (r[1] + r[2]) / 2;
 }
 
 void release(void) {

@@ -4,7 +4,7 @@ read, against the DRAM read rate of benchmarks/cpu_bandwidth.c probed in the sam
 Each shape is a stack of copies (or the 64 experts) larger than the last-level cache, and each call
 takes other copies, so that the weights come from DRAM as in decoding. Variants are builds of
 int_kernels.c with other -D settings, of another revision (--baseline), or torch (bf16: F.linear per
-matrix, oneDNN); they run interleaved, round after round, so that the machine's drift hits all alike.
+matrix, oneDNN); they take turns call by call, round after round, so that the machine's drift hits all alike.
 
 Usage:
   python benchmarks/cpu_decode_kernels.py                                  # int4, int8, bf16; 3 rounds
@@ -101,13 +101,16 @@ def bytes_per_matrix(w) -> int:
     return sum(t[0].numel() * t.element_size() for t in w)
 
 
-def time_calls(call, count: int, warm: int = 5) -> float:
-    times = []
+def time_interleaved(runners: dict, count: int, warm: int = 5) -> dict[str, float]:
+    """Median seconds of `count` calls of each runner, the runners taking turns call by call (so that
+    a busy moment of a shared machine hits them alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for i in range(count + warm):
-        t = time.perf_counter()
-        call(i)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[warm:])
+        for name, call in runners.items():
+            t = time.perf_counter()
+            call(i)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts[warm:]) for name, ts in times.items()}
 
 
 def main() -> None:
@@ -126,8 +129,8 @@ def main() -> None:
     subprocess.run(["cc", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-DPROBE_LIBRARY", str(probe_src), "-o",
                     str(tmp / "probe.so")], check=True)
     probe = ctypes.CDLL(str(tmp / "probe.so"))
-    probe.read_rate.restype = ctypes.c_double
-    probe.read_rate.argtypes = [ctypes.c_int]
+    probe.read_rate_median.restype = ctypes.c_double
+    probe.read_rate_median.argtypes = [ctypes.c_int]
 
     libs: dict[str, Lib] = {"new": Lib(compile_lib(native.SOURCE, tmp / "new.so", []), args.threads)}
     for spec in filter(None, args.variants.split(";")):
@@ -166,11 +169,11 @@ def main() -> None:
                 xs = x if per_expert_x else x.expand(p_count, k)
                 runners["torch"] = lambda i: [F.linear(xs[j:j + 1], w[0][e]) for j, e in enumerate(picks[i].tolist())]
             for r in range(args.rounds):
-                rate = probe.read_rate(args.threads)
+                rate = probe.read_rate_median(args.threads)
                 print(f"round {r} {fmt} {name}: probe {rate:.1f} GB/s on {args.threads} threads, load {load_avg()}", file=sys.stderr)
                 results.setdefault((fmt, name, "probe"), []).append(1e6 * read / (rate * 1e9))
-                for vname, run in runners.items():
-                    results.setdefault((fmt, name, vname), []).append(time_calls(run, args.calls) * 1e6)
+                for vname, seconds in time_interleaved(runners, args.calls).items():
+                    results.setdefault((fmt, name, vname), []).append(seconds * 1e6)
             results[(fmt, name, "_bytes")] = [read]
             del w
     probe.release()

@@ -65,6 +65,18 @@ def test_matmul_within_the_activation_rounding_bound(fmt, group, n, k, m):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("n, k", [(45, 320), (6, 192), (4, 64)])  # one token: a last block of 64 columns, N % 4 != 0
+def test_one_token_with_a_last_block_of_64_columns(fmt, n, k):
+    disk = _disk(fmt, (n, k), 64, seed=n * k)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k))
+    x[0, -64:] *= 30  # the last block has its own scale
+    kern = native.kernels()
+    y = kern.int4(disk["qweight"], disk["scales"], disk["zeros"], x, 64) if fmt == "int4" else kern.int8(disk["qweight"], disk["scales"], x)
+    w, moving = _bound_terms(fmt, disk, 64)
+    _check(y[0], x, w, moving)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_bfloat16_inputs_and_outputs(fmt):
     """The model's own dtype on the CPU goes in and out without conversions; the output is rounded once."""
     disk = _disk(fmt, (72, 320), 64, seed=11)
@@ -148,18 +160,19 @@ def test_build_is_cached_under_a_content_hash(monkeypatch, tmp_path):
 
 def test_results_do_not_depend_on_the_thread_count():
     """Rows are split between threads, never a row's sum: any thread count gives the same bits."""
-    disk = _disk("int4", (4, 96, 256), 64, seed=8)
-    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(9))
+    disk = _disk("int4", (4, 600, 256), 64, seed=8)  # large enough to be split between threads
     experts = torch.tensor([3, 1])
     before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outs.append(native.kernels().int4(disk["qweight"], disk["scales"], disk["zeros"], x, 64, experts))
-    finally:
-        torch.set_num_threads(before)
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    for m in (3, 1):  # several tokens, and the one-token kernel, which splits each matrix between threads
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(9))
+        try:
+            outs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                outs.append(native.kernels().int4(disk["qweight"], disk["scales"], disk["zeros"], x, 64, experts))
+        finally:
+            torch.set_num_threads(before)
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 @pytest.mark.parametrize("fmt, group", [("int8", 64), ("int4", 64), ("int4", 128)])

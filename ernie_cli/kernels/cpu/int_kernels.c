@@ -20,9 +20,8 @@
  * int8 (one scale per row): VPDPBUSD takes unsigned x signed bytes; the weight is made unsigned by
  * flipping its sign bit (w + 128), and 128 * sum(xq) is taken back out once per row.
  *
- * One token (decode): TILE rows are computed together, so that each activation vector is loaded
- * once for all of them, and the next tile is prefetched while this one is read. Threads split every
- * matrix by output rows. Several tokens (up to native.PREFILL_TOKENS): one row at a time against up
+ * One token (decode): TILE rows are computed together, each read PREFETCH bytes ahead; threads
+ * split every matrix by output rows. Several tokens (up to native.PREFILL_TOKENS): one row at a time against up
  * to MAX_TOKENS tokens, each weight block expanded once for all of them.
  *
  * Threads: OpenMP, as many as ernie_set_threads says (torch's thread count: where torch bundles its
@@ -46,9 +45,6 @@
 #endif
 #ifndef TILE
 #define TILE 4 /* rows of one token computed together */
-#endif
-#ifndef AHEAD
-#define AHEAD 1 /* tiles prefetched ahead in the one-token kernels */
 #endif
 #ifndef SPLIT_EACH
 #define SPLIT_EACH 1 /* 1: every thread takes a share of each matrix's rows; 0: contiguous runs of all rows */
@@ -188,18 +184,15 @@ static inline __m512 load_bf16(const uint16_t *p, int64_t count) {
 
 /* ---- one token -------------------------------------------------------------------------------------
  *
- * A tile: R (TILE, or 1 for the last rows) consecutive output rows of one matrix, whose weights are
- * R * row_bytes consecutive bytes; `next` is where the thread reads after this tile (prefetched as
- * this one is read; NULL: nothing). Always inlined with a constant R, so that the accumulators live
- * in registers. */
+ * A tile: R (TILE, or 1 for the last rows) consecutive output rows of one matrix, each row's weights
+ * prefetched PREFETCH bytes ahead as it is read. Always inlined with a constant R, so that the
+ * accumulators live in registers. */
 
-static inline void prefetch_next(const uint8_t *next, int64_t line) {
-    if (next) _mm_prefetch((const char *)(next + line * 64), _MM_HINT_T0);
-}
+static inline void prefetch_ahead(const void *at) { _mm_prefetch((const char *)at + PREFETCH, _MM_HINT_T0); }
 
 static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int64_t row_bytes, const uint16_t *s,
                                                           const uint16_t *z, int64_t groups, int64_t k, int64_t group,
-                                                          const Acts *a, const int R, float *res, const uint8_t *next) {
+                                                          const Acts *a, const int R, float *res) {
     const int64_t blocks = k / BLOCK, per_group = group / BLOCK, full = k / 128;
     float sd[TILE][MAX_BLOCKS + 16] __attribute__((aligned(64))); /* s_g * d_b per block */
     float tail_s[TILE];
@@ -233,7 +226,7 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int6
         const __m512i xe = _mm512_load_si512((const void *)(a->q + c * 128));
         const __m512i xo = _mm512_load_si512((const void *)(a->q + c * 128 + 64));
         for (int r = 0; r < R; r++) {
-            prefetch_next(next, c * R + r);
+            prefetch_ahead(w + r * row_bytes + c * 64);
             const __m512i v = _mm512_loadu_si512((const void *)(w + r * row_bytes + c * 64));
             const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
             const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xe), hi, xo);
@@ -257,7 +250,7 @@ static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int6
 }
 
 static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, int64_t row_bytes, int64_t k, const Acts *a,
-                                                          const int R, float *res, const uint8_t *next) {
+                                                          const int R, float *res) {
     const int64_t blocks = k / BLOCK;
     const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
     __m512 acc[TILE];
@@ -266,7 +259,7 @@ static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, int64
         const __m512i xq = _mm512_load_si512((const void *)(a->q + b * BLOCK));
         const __m512 d = _mm512_set1_ps(a->d[b]);
         for (int r = 0; r < R; r++) {
-            prefetch_next(next, b * R + r);
+            prefetch_ahead(w + r * row_bytes + b * BLOCK);
             const __m512i u = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + r * row_bytes + b * BLOCK)), flip);
             acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, u, xq)), d, acc[r]);
         }
@@ -277,14 +270,14 @@ static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, int64
 #ifdef __AVX512BF16__
 /* bf16 weights against a bf16 x: VDPBF16PS multiplies 32 pairs and adds them into 16 float32 sums. */
 static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, int64_t k, const uint16_t *x, const int R,
-                                                            float *res, const uint8_t *next) {
+                                                            float *res) {
     __m512 acc[TILE];
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c + 32 <= k; c += 32) {
         const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + c));
         for (int r = 0; r < R; r++) {
-            prefetch_next(next, c / 32 * R + r);
+            prefetch_ahead(w + r * k + c); /* 32 bf16: one cache line */
             acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512((const void *)(w + r * k + c)), xv);
         }
     }
@@ -321,26 +314,25 @@ static void gemv_rows(const Gemv *g, int64_t p, int64_t begin, int64_t end) {
         const int R = end - row >= TILE ? TILE : 1;
         const int64_t at = e * g->n + row;
         const uint8_t *w = (const uint8_t *)g->w + at * rb;
-        const uint8_t *next = row + R + AHEAD * TILE <= end ? w + AHEAD * TILE * rb : NULL;
         if (g->bits == 4) {
             const uint16_t *s = g->scales + at * g->groups, *z = g->zeros + at * g->groups;
             if (R == TILE)
-                q4_tile(w, rb, s, z, g->groups, g->k, g->group, a, TILE, res, next);
+                q4_tile(w, rb, s, z, g->groups, g->k, g->group, a, TILE, res);
             else
-                q4_tile(w, rb, s, z, g->groups, g->k, g->group, a, 1, res, next);
+                q4_tile(w, rb, s, z, g->groups, g->k, g->group, a, 1, res);
         } else if (g->bits == 8) {
             if (R == TILE)
-                q8_tile((const int8_t *)w, rb, g->k, a, TILE, res, next);
+                q8_tile((const int8_t *)w, rb, g->k, a, TILE, res);
             else
-                q8_tile((const int8_t *)w, rb, g->k, a, 1, res, next);
+                q8_tile((const int8_t *)w, rb, g->k, a, 1, res);
             for (int r = 0; r < R; r++) res[r] *= bf16_to_float(g->scales[at + r]);
         } else {
 #ifdef __AVX512BF16__
             const uint16_t *x = g->x + (g->x_stride ? p * g->x_stride : 0);
             if (R == TILE)
-                bf16_tile((const uint16_t *)w, g->k, x, TILE, res, next);
+                bf16_tile((const uint16_t *)w, g->k, x, TILE, res);
             else
-                bf16_tile((const uint16_t *)w, g->k, x, 1, res, next);
+                bf16_tile((const uint16_t *)w, g->k, x, 1, res);
 #endif
         }
         for (int r = 0; r < R; r++) store_out(g->out, g->out_bf16, p * g->n + row + r, res[r]);
