@@ -106,9 +106,9 @@ def time_interleaved(runners: dict, count: int, warm: int = 5) -> dict[str, floa
     a busy moment of a shared machine hits them alike)."""
     times: dict[str, list[float]] = {name: [] for name in runners}
     for i in range(count + warm):
-        for name, call in runners.items():
+        for v, (name, call) in enumerate(runners.items()):
             t = time.perf_counter()
-            call(i)
+            call(i * len(runners) + v)  # every call takes weights that no recent call read
             times[name].append(time.perf_counter() - t)
     return {name: statistics.median(ts[warm:]) for name, ts in times.items()}
 
@@ -159,15 +159,14 @@ def main() -> None:
             def experts_of(i):
                 return torch.arange(p_count) * (copies // p_count) + i % (copies // p_count) if take else torch.tensor([i % copies])
 
-            picks = [experts_of(i) for i in range(args.calls + 5)]
             runners = {}
             for vname, lib in libs.items():
                 if fmt == "bf16" and lib.bf16 is None:
                     continue
-                runners[vname] = (lambda i, lib=lib: lib.run(fmt, w, x, picks[i], per_expert_x, out))
+                runners[vname] = (lambda i, lib=lib: lib.run(fmt, w, x, experts_of(i), per_expert_x, out))
             if fmt == "bf16":
                 xs = x if per_expert_x else x.expand(p_count, k)
-                runners["torch"] = lambda i: [F.linear(xs[j:j + 1], w[0][e]) for j, e in enumerate(picks[i].tolist())]
+                runners["torch"] = lambda i: [F.linear(xs[j:j + 1], w[0][e]) for j, e in enumerate(experts_of(i).tolist())]
             for r in range(args.rounds):
                 rate = probe.read_rate_median(args.threads)
                 print(f"round {r} {fmt} {name}: probe {rate:.1f} GB/s on {args.threads} threads, load {load_avg()}", file=sys.stderr)

@@ -171,7 +171,7 @@ def main() -> None:
             if fmt != "bf16":
                 ernie_dirs[fmt] = work / f"ernie-{fmt}"
                 if not (ernie_dirs[fmt] / "config.json").exists():
-                    run(ernie("quantize", ckpt, ernie_dirs[fmt], "--format", fmt), cwd=ROOT)
+                    run(ernie("quantize", ckpt, ernie_dirs[fmt], "--format", fmt), cwd=ROOT, stdout=sys.stderr)
         for fmt in formats:
             _, prompt, gen = TESTS[fmt]
             for r in range(args.rounds):
