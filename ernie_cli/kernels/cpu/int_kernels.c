@@ -20,8 +20,8 @@
  * int8 (one scale per row): VPDPBUSD takes unsigned x signed bytes; the weight is made unsigned by
  * flipping its sign bit (w + 128), and 128 * sum(xq) is taken back out once per row.
  *
- * One token (decode): TILE rows are computed together, each read PREFETCH bytes ahead; threads
- * split every matrix by output rows. Several tokens (up to native.PREFILL_TOKENS): one row at a time against up
+ * One token (decode): one row at a time, read PREFETCH bytes ahead; threads split every matrix by
+ * output rows. Several tokens (up to native.PREFILL_TOKENS): one row at a time against up
  * to MAX_TOKENS tokens, each weight block expanded once for all of them.
  *
  * Threads: OpenMP, as many as ernie_set_threads says (torch's thread count: where torch bundles its
@@ -42,12 +42,6 @@
 /* Bytes ahead in the weight stream to prefetch (several tokens): rows are short (1-1.3 KB), so the
  * hardware streamers alone left half the DRAM bandwidth unused (11-13 GB/s against 17-21 GB/s). */
 #define PREFETCH 4096
-#endif
-#ifndef TILE
-#define TILE 1 /* rows of one token computed together: 1 measured fastest (docs/performance.md) */
-#endif
-#ifndef SPLIT_EACH
-#define SPLIT_EACH 1 /* 1: every thread takes a share of each matrix's rows; 0: contiguous runs of all rows */
 #endif
 
 /* Layout of the quantized activations: as x (int8), [32 even | 32 odd] per 64 columns (int4,
@@ -184,111 +178,88 @@ static inline __m512 load_bf16(const uint16_t *p, int64_t count) {
 
 /* ---- one token -------------------------------------------------------------------------------------
  *
- * A tile: R (TILE, or 1 for the last rows) consecutive output rows of one matrix, each row's weights
- * prefetched PREFETCH bytes ahead as it is read. Always inlined with a constant R, so that the
- * accumulators live in registers. */
+ * One output row at a time: each thread then reads one sequential stream, prefetched PREFETCH bytes
+ * ahead. Computing four rows together (the activations loaded once for all) read 7-25% slower
+ * (docs/performance.md). */
 
 /* A macro: as a static function without side effects GCC deletes its calls. */
 #define prefetch_ahead(at) _mm_prefetch((const char *)(at) + PREFETCH, _MM_HINT_T0)
 
-static inline __attribute__((always_inline)) void q4_tile(const uint8_t *w, int64_t row_bytes, const uint16_t *s,
-                                                          const uint16_t *z, int64_t groups, int64_t k, int64_t group,
-                                                          const Acts *a, const int R, float *res) {
+static float q4_dot(const uint8_t *w, const uint16_t *s, const uint16_t *z, int64_t k, int64_t group, const Acts *a) {
     const int64_t blocks = k / BLOCK, per_group = group / BLOCK, full = k / 128;
-    float sd[TILE][MAX_BLOCKS + 16] __attribute__((aligned(64))); /* s_g * d_b per block */
-    float tail_s[TILE];
-    __m512 acc[TILE], tail[TILE];
-    for (int r = 0; r < R; r++) {
-        acc[r] = _mm512_setzero_ps();
-        tail[r] = _mm512_setzero_ps();
-        tail_s[r] = 0.0f;
-    }
+    float sd[MAX_BLOCKS + 16] __attribute__((aligned(64))); /* s_g * d_b per block */
+    float tail_s = 0.0f;
+    __m512 acc = _mm512_setzero_ps(), tail = _mm512_setzero_ps();
+    /* the scales and zeros are two more streams, 1/16 of the codes' bytes: prefetched too, they took
+     * the kernel from about 80% to 95% of the DRAM read rate */
+    prefetch_ahead(s), prefetch_ahead(s + 32), prefetch_ahead(z), prefetch_ahead(z + 32);
     /* everything but <q, xq>_b, 16 blocks at a time: sd, and s_g (-8 d_b sum(xq_b)) + z_g sum(x_b) */
     if (per_group == 1) {
         for (int64_t b = 0; b < blocks; b += 16) {
-            const __m512 d = _mm512_loadu_ps(a->d + b), xs = _mm512_loadu_ps(a->sum + b), m8 = _mm512_loadu_ps(a->m8dq + b);
-            for (int r = 0; r < R; r++) {
-                const __m512 sg = load_bf16(s + r * groups + b, blocks - b), zg = load_bf16(z + r * groups + b, blocks - b);
-                _mm512_store_ps(&sd[r][b], _mm512_mul_ps(sg, d));
-                tail[r] = _mm512_fmadd_ps(zg, xs, _mm512_fmadd_ps(sg, m8, tail[r]));
-            }
+            const __m512 sg = load_bf16(s + b, blocks - b), zg = load_bf16(z + b, blocks - b);
+            _mm512_store_ps(&sd[b], _mm512_mul_ps(sg, _mm512_loadu_ps(a->d + b)));
+            tail = _mm512_fmadd_ps(zg, _mm512_loadu_ps(a->sum + b), _mm512_fmadd_ps(sg, _mm512_loadu_ps(a->m8dq + b), tail));
         }
     } else {
-        for (int r = 0; r < R; r++)
-            for (int64_t b = 0; b < blocks; b++) {
-                const float sg = bf16_to_float(s[r * groups + b / per_group]), zg = bf16_to_float(z[r * groups + b / per_group]);
-                sd[r][b] = sg * a->d[b];
-                tail_s[r] += zg * a->sum[b] + sg * a->m8dq[b];
-            }
+        for (int64_t b = 0; b < blocks; b++) {
+            const float sg = bf16_to_float(s[b / per_group]), zg = bf16_to_float(z[b / per_group]);
+            sd[b] = sg * a->d[b];
+            tail_s += zg * a->sum[b] + sg * a->m8dq[b];
+        }
     }
+    /* 64 bytes = 128 columns: the low nibbles are the even columns, the high ones the odd */
     const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
     const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     for (int64_t c = 0; c < full; c++) {
+        prefetch_ahead(w + c * 64);
+        const __m512i v = _mm512_loadu_si512((const void *)(w + c * 64));
+        const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         const __m512i xe = _mm512_load_si512((const void *)(a->q + c * 128));
         const __m512i xo = _mm512_load_si512((const void *)(a->q + c * 128 + 64));
-        for (int r = 0; r < R; r++) {
-            prefetch_ahead(w + r * row_bytes + c * 64);
-            const __m512i v = _mm512_loadu_si512((const void *)(w + r * row_bytes + c * 64));
-            const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-            const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xe), hi, xo);
-            /* lanes 0-7: the chunk's first block, 8-15: its second */
-            const __m512 sdv = _mm512_permutexvar_ps(pick, _mm512_loadu_ps(&sd[r][2 * c]));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sdv, acc[r]);
-        }
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xe), hi, xo);
+        /* lanes 0-7: the chunk's first block, 8-15: its second */
+        const __m512 sdv = _mm512_permutexvar_ps(pick, _mm512_loadu_ps(&sd[2 * c]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sdv, acc);
     }
     if (k % 128) { /* a last block of 64 columns: 32 bytes, [32 even | 32 odd] activations */
         const __mmask64 half = 0xFFFFFFFFull;
+        const __m512i v = _mm512_maskz_loadu_epi8(half, w + full * 64);
+        const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
         const __m512i xe = _mm512_maskz_loadu_epi8(half, a->q + full * 128);
         const __m512i xo = _mm512_maskz_loadu_epi8(half, a->q + full * 128 + 32);
-        for (int r = 0; r < R; r++) {
-            const __m512i v = _mm512_maskz_loadu_epi8(half, w + r * row_bytes + full * 64);
-            const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-            const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xe), hi, xo);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sd[r][2 * full]), acc[r]);
-        }
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xe), hi, xo);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sd[2 * full]), acc);
     }
-    for (int r = 0; r < R; r++) res[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], tail[r])) + tail_s[r];
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc, tail)) + tail_s;
 }
 
-static inline __attribute__((always_inline)) void q8_tile(const int8_t *w, int64_t row_bytes, int64_t k, const Acts *a,
-                                                          const int R, float *res) {
-    const int64_t blocks = k / BLOCK;
+static float q8_dot(const int8_t *w, int64_t k, const Acts *a) {
     const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
-    __m512 acc[TILE];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; b++) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < k / BLOCK; b++) {
+        prefetch_ahead(w + b * BLOCK);
+        const __m512i u = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + b * BLOCK)), flip);
         const __m512i xq = _mm512_load_si512((const void *)(a->q + b * BLOCK));
-        const __m512 d = _mm512_set1_ps(a->d[b]);
-        for (int r = 0; r < R; r++) {
-            prefetch_ahead(w + r * row_bytes + b * BLOCK);
-            const __m512i u = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + r * row_bytes + b * BLOCK)), flip);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, u, xq)), d, acc[r]);
-        }
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, u, xq)), _mm512_set1_ps(a->d[b]), acc);
     }
-    for (int r = 0; r < R; r++) res[r] = _mm512_reduce_add_ps(acc[r]) - a->corr[0];
+    return _mm512_reduce_add_ps(acc) - a->corr[0];
 }
 
 #ifdef __AVX512BF16__
 /* bf16 weights against a bf16 x: VDPBF16PS multiplies 32 pairs and adds them into 16 float32 sums. */
-static inline __attribute__((always_inline)) void bf16_tile(const uint16_t *w, int64_t k, const uint16_t *x, const int R,
-                                                            float *res) {
-    __m512 acc[TILE];
-    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+static float bf16_dot(const uint16_t *w, int64_t k, const uint16_t *x) {
+    __m512 acc = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c + 32 <= k; c += 32) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + c));
-        for (int r = 0; r < R; r++) {
-            prefetch_ahead(w + r * k + c); /* 32 bf16: one cache line */
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512((const void *)(w + r * k + c)), xv);
-        }
+        prefetch_ahead(w + c); /* 32 bf16: one cache line */
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(w + c)),
+                               (__m512bh)_mm512_loadu_si512((const void *)(x + c)));
     }
     if (c < k) {
         const __mmask32 mask = (__mmask32)((1ull << (k - c)) - 1);
-        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + c);
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * k + c), xv);
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(mask, w + c), (__m512bh)_mm512_maskz_loadu_epi16(mask, x + c));
     }
-    for (int r = 0; r < R; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
+    return _mm512_reduce_add_ps(acc);
 }
 #endif
 
@@ -308,36 +279,22 @@ typedef struct {
 
 /* Rows [begin, end) of problem p. */
 static void gemv_rows(const Gemv *g, int64_t p, int64_t begin, int64_t end) {
-    const int64_t e = g->experts ? g->experts[p] : 0, rb = g->row_bytes;
+    const int64_t e = g->experts ? g->experts[p] : 0;
     const Acts *a = g->acts ? &g->acts[g->x_stride ? p : 0] : NULL;
-    float res[TILE];
-    for (int64_t row = begin; row < end;) {
-        const int R = end - row >= TILE ? TILE : 1;
+    for (int64_t row = begin; row < end; row++) {
         const int64_t at = e * g->n + row;
-        const uint8_t *w = (const uint8_t *)g->w + at * rb;
+        const uint8_t *w = (const uint8_t *)g->w + at * g->row_bytes;
+        float y = 0.0f;
         if (g->bits == 4) {
-            const uint16_t *s = g->scales + at * g->groups, *z = g->zeros + at * g->groups;
-            if (R == TILE)
-                q4_tile(w, rb, s, z, g->groups, g->k, g->group, a, TILE, res);
-            else
-                q4_tile(w, rb, s, z, g->groups, g->k, g->group, a, 1, res);
+            y = q4_dot(w, g->scales + at * g->groups, g->zeros + at * g->groups, g->k, g->group, a);
         } else if (g->bits == 8) {
-            if (R == TILE)
-                q8_tile((const int8_t *)w, rb, g->k, a, TILE, res);
-            else
-                q8_tile((const int8_t *)w, rb, g->k, a, 1, res);
-            for (int r = 0; r < R; r++) res[r] *= bf16_to_float(g->scales[at + r]);
+            y = bf16_to_float(g->scales[at]) * q8_dot((const int8_t *)w, g->k, a);
         } else {
 #ifdef __AVX512BF16__
-            const uint16_t *x = g->x + (g->x_stride ? p * g->x_stride : 0);
-            if (R == TILE)
-                bf16_tile((const uint16_t *)w, g->k, x, TILE, res);
-            else
-                bf16_tile((const uint16_t *)w, g->k, x, 1, res);
+            y = bf16_dot((const uint16_t *)w, g->k, g->x + (g->x_stride ? p * g->x_stride : 0));
 #endif
         }
-        for (int r = 0; r < R; r++) store_out(g->out, g->out_bf16, p * g->n + row + r, res[r]);
-        row += R;
+        store_out(g->out, g->out_bf16, p * g->n + row, y);
     }
 }
 
@@ -345,22 +302,9 @@ static void gemv(const Gemv *g) {
     const int nt = g->p_count * g->n * g->row_bytes >= (1 << 16) ? team() : 1;
 #pragma omp parallel num_threads(nt)
     {
-        const int64_t t = omp_get_thread_num(), count = omp_get_num_threads();
-        const int64_t tiles = (g->n + TILE - 1) / TILE;
-#if SPLIT_EACH
-        for (int64_t p = 0; p < g->p_count; p++) {
-            const int64_t begin = tiles * t / count * TILE, end = tiles * (t + 1) / count * TILE;
-            if (begin < g->n) gemv_rows(g, p, begin, end < g->n ? end : g->n);
-        }
-#else
-        const int64_t total = g->p_count * tiles, first = total * t / count, last = total * (t + 1) / count;
-        for (int64_t i = first; i < last;) {
-            const int64_t p = i / tiles, stop = (p + 1) * tiles < last ? (p + 1) * tiles : last;
-            const int64_t end = (stop - p * tiles) * TILE;
-            gemv_rows(g, p, (i - p * tiles) * TILE, end < g->n ? end : g->n);
-            i = stop;
-        }
-#endif
+        /* each thread its share of every matrix's rows (contiguous runs over all matrices read as fast) */
+        const int64_t t = omp_get_thread_num(), count = omp_get_num_threads(), n = g->n;
+        for (int64_t p = 0; p < g->p_count; p++) gemv_rows(g, p, n * t / count, n * (t + 1) / count);
     }
 }
 
