@@ -9,7 +9,7 @@ Never run in CI (it writes tens of GB and takes tens of minutes). Steps:
 3. llama.cpp's own convert_hf_to_gguf.py (its gguf package put on PYTHONPATH from the same source,
    nothing installed) to BF16; llama-quantize to Q8_0 and Q4_0. `ernie quantize` to int8 and int4.
 4. Per format, --rounds rounds of `llama-bench -t T` then `ernie bench -t T` (tg and pp as below,
-   -r --reps each). The work folder (about 45 GB for 8 layers) is deleted at the end unless --keep.
+   -r --reps each; each run's figure is the median of its repetitions). The work folder (about 45 GB for 8 layers) is deleted at the end unless --keep.
 5. A table of tok/s, each round's figures and the ratio of the medians, with the CPU model, its
    vector flags, and the load average around each run (the machine may be shared).
 
@@ -101,7 +101,7 @@ def llama_bench(bench: Path, gguf: Path, prompt: int, gen: int, threads: int, re
     out = run([bench, "-m", gguf, "-t", threads, "-p", prompt, "-n", gen, "-r", reps, "-o", "json"],
               capture_output=True, text=True).stdout
     rows = json.loads(out)
-    return {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in rows}
+    return {("pp" if r["n_prompt"] else "tg"): statistics.median(r["samples_ts"]) for r in rows}
 
 
 # ---- ernie -------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def ernie_bench(model: Path, prompt: int, gen: int, threads: int, reps: int, che
     out = run(ernie("bench", "-m", model, "-t", threads, "-p", prompt, "-n", gen, "-r", reps, "-o", "json"),
               capture_output=True, text=True, cwd=checkout, env=env).stdout
     rows = json.loads(out)
-    return {("pp" if r["prompt_tokens"] else "tg"): r["mean_tokens_per_s"] for r in rows}
+    return {("pp" if r["prompt_tokens"] else "tg"): statistics.median(r["tokens_per_s"]) for r in rows}
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -196,6 +196,7 @@ def main() -> None:
     before = f" {args.before.name} tok/s | ratio |" if args.before else ""
     print(f"| test | llama.cpp tok/s | ernie tok/s | ratio of medians |{before} load average |")
     print("|---|---:|---:|---:|" + ("---:|---:|" if args.before else "") + "---|")
+    # each run: the median of its repetitions (a shared machine's busy moment spoils one, not the figure)
 
     def median(runs):
         return statistics.median(t for t, *_ in runs) if runs else float("nan")
