@@ -142,7 +142,8 @@ def main() -> None:
     ap.add_argument("--formats", default="int4,int8,bf16")
     ap.add_argument("--tokenizer", type=Path, default=ROOT.parent / "shared" / "ernie-tokenizer")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
-    ap.add_argument("--before", type=Path, help="another ernie checkout, run as a third engine (a before/after)")
+    ap.add_argument("--before", type=Path, help="another ernie checkout (e.g. a worktree of main), run as a third "
+                    "engine after the other two in each round")
     args = ap.parse_args()
     formats = args.formats.split(",")
     engines = ["llama.cpp", "ernie"] + (["ernie before"] if args.before else [])
@@ -193,7 +194,7 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%d')}, ernie {commit}, llama.cpp from llama-cpp-python {version}; -t {args.threads}, "
           f"{args.layers} layers, {args.rounds} interleaved rounds of -r {args.reps}")
     print()
-    before = f" {args.before.name} tok/s | ratio |" if args.before else ""
+    before = " ernie before tok/s | ratio |" if args.before else ""
     print(f"| test | llama.cpp tok/s | ernie tok/s | ratio of medians |{before} load average |")
     print("|---|---:|---:|---:|" + ("---:|---:|" if args.before else "") + "---|")
     # each run: the median of its repetitions (a shared machine's busy moment spoils one, not the figure)
@@ -210,7 +211,8 @@ def main() -> None:
         name = f"{fmt} / {TESTS[fmt][0]} {kind}{prompt if kind == 'pp' else gen}"
         llama, ours, old = runs.get("llama.cpp", []), runs.get("ernie", []), runs.get("ernie before", [])
         extra = f" {listed(old)} | {median(old) / median(llama):.2f} |" if args.before else ""
-        loads = ", ".join(sorted({load for *_, load in llama + ours + old}))
+        values = [float(x) for *_, load in llama + ours + old for x in load.split("-")]
+        loads = f"{min(values):.2f}–{max(values):.2f}" if values else ""
         print(f"| {name} | {listed(llama)} | {listed(ours)} | **{median(ours) / median(llama):.2f}** |{extra} {loads} |")
 
 
