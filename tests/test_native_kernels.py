@@ -307,3 +307,24 @@ def test_bf16_decode_with_the_native_kernel_stays_close_to_fp32(checkpoints, mon
     monkeypatch.setenv("ERNIE_NATIVE", "0")
     torchs = kl(expected, steps(torch.bfloat16))
     assert ours < 1e-3 and ours <= 1.5 * torchs + 1e-5
+
+
+def test_the_build_follows_the_cpu_features(monkeypatch, tmp_path):
+    """One library per feature set, named by it: without AVX512_BF16 the int kernels alone, without
+    AVX-512 VNNI none (torch's kernels)."""
+    base = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2"}
+    assert native.feature_set(base | {"avx512_vnni", "avx512_bf16"})[0] == "avx512-vnni-bf16"
+    assert native.feature_set(base | {"avx512_vnni"})[0] == "avx512-vnni"
+    assert native.feature_set(base) is None and native.feature_set({"avx2", "avx_vnni"}) is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    flags, model = native._cpu_flags()
+    monkeypatch.setattr(native, "_cpu_flags", lambda: (flags - {"avx512_bf16"}, model))
+    native.kernels.cache_clear()
+    try:
+        kern = native.kernels()
+        assert kern is not None and not kern.has_bf16
+        assert [p.name.split("_")[3] for p in (tmp_path / "ernie" / "kernels").iterdir()] == ["avx512-vnni"]
+        with pytest.raises(RuntimeError):
+            kern.bf16_gemv(torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.bfloat16))
+    finally:
+        native.kernels.cache_clear()
