@@ -38,7 +38,7 @@ def _native_unavailable() -> str | None:
     if platform.machine() not in ("x86_64", "AMD64"):
         return "the native kernels are x86 only"
     flags, _ = native._cpu_flags()
-    if not all(f in flags for f in native.NEEDED_CPU_FLAGS):
+    if native.feature_set(flags) is None:
         return "the native kernels need a CPU with AVX-512 VNNI"
     if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
         return "the native kernels need a C compiler"

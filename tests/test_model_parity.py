@@ -235,3 +235,25 @@ def test_selected_experts_are_weighed_and_added_once_rounded(dtype, eps):
     want = (y * weights[0, :, None].double()).sum(0, keepdim=True)
     assert got.dtype == dtype and got.shape == (1, h)
     assert ((got.double() - want).abs() <= eps * want.abs() + 1e-5 * (y.abs() * weights[0, :, None].double()).sum(0)).all()
+
+
+def test_one_token_bf16_attention_against_float64():
+    """The CPU's one-token bf16 attention (each KV head's query heads as rows of one call) against
+    float64 softmax attention with each query head on its KV head (head h on h // (H / KV)), within
+    bf16 rounding of the inputs' scale; and the cache holds the new key and value."""
+    gen = torch.Generator().manual_seed(3)
+    b, h, kv, d, filled = 2, 6, 2, 32, 9
+    cache_k = torch.zeros(b, kv, 16, d, dtype=torch.bfloat16)
+    cache_v = torch.zeros_like(cache_k)
+    cache_k[:, :, :filled] = torch.randn(b, kv, filled, d, generator=gen).bfloat16()
+    cache_v[:, :, :filled] = torch.randn(b, kv, filled, d, generator=gen).bfloat16()
+    q, k, v = (torch.randn(b, 1, n, d, generator=gen).bfloat16() for n in (h, kv, kv))
+    cos, sin = torch.ones(1, d), torch.zeros(1, d)  # no rotation: the reference needs none
+    out = ops.attention(q, k, v, cache_k, cache_v, cos, sin, filled, d**-0.5)
+    assert out.shape == (b, 1, h * d)
+    assert torch.equal(cache_k[:, :, filled], k[:, 0]) and torch.equal(cache_v[:, :, filled], v[:, 0])
+    keys, values = cache_k[:, :, : filled + 1].double(), cache_v[:, :, : filled + 1].double()
+    heads = torch.arange(h) // (h // kv)
+    scores = torch.einsum("bhd,bhsd->bhs", q[:, 0].double(), keys[:, heads]) * d**-0.5
+    want = torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), values[:, heads]).reshape(b, 1, h * d)
+    assert (out.double() - want).abs().max().item() < 2**-7

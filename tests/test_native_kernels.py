@@ -65,6 +65,18 @@ def test_matmul_within_the_activation_rounding_bound(fmt, group, n, k, m):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("n, k", [(45, 320), (6, 192), (4, 64)])  # one token: a last block of 64 columns, N % 4 != 0
+def test_one_token_with_a_last_block_of_64_columns(fmt, n, k):
+    disk = _disk(fmt, (n, k), 64, seed=n * k)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k))
+    x[0, -64:] *= 30  # the last block has its own scale
+    kern = native.kernels()
+    y = kern.int4(disk["qweight"], disk["scales"], disk["zeros"], x, 64) if fmt == "int4" else kern.int8(disk["qweight"], disk["scales"], x)
+    w, moving = _bound_terms(fmt, disk, 64)
+    _check(y[0], x, w, moving)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_bfloat16_inputs_and_outputs(fmt):
     """The model's own dtype on the CPU goes in and out without conversions; the output is rounded once."""
     disk = _disk(fmt, (72, 320), 64, seed=11)
@@ -148,18 +160,19 @@ def test_build_is_cached_under_a_content_hash(monkeypatch, tmp_path):
 
 def test_results_do_not_depend_on_the_thread_count():
     """Rows are split between threads, never a row's sum: any thread count gives the same bits."""
-    disk = _disk("int4", (4, 96, 256), 64, seed=8)
-    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(9))
+    disk = _disk("int4", (4, 600, 256), 64, seed=8)  # large enough to be split between threads
     experts = torch.tensor([3, 1])
     before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outs.append(native.kernels().int4(disk["qweight"], disk["scales"], disk["zeros"], x, 64, experts))
-    finally:
-        torch.set_num_threads(before)
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    for m in (3, 1):  # several tokens, and the one-token kernel, which splits each matrix between threads
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(9))
+        try:
+            outs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                outs.append(native.kernels().int4(disk["qweight"], disk["scales"], disk["zeros"], x, 64, experts))
+        finally:
+            torch.set_num_threads(before)
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 @pytest.mark.parametrize("fmt, group", [("int8", 64), ("int4", 64), ("int4", 128)])
@@ -193,3 +206,125 @@ def test_prefill_expands_to_floats_and_decode_stays_integer(fmt, monkeypatch):
         y = quantized.matmul(weight, x)
         assert calls == (["dequantize"] if m >= native.PREFILL_TOKENS else [fmt])
         _check(y, x, w, moving)
+
+
+# ---- bf16 weights (VDPBF16PS) -------------------------------------------------------------------------
+
+_needs_bf16 = pytest.mark.skipif(native.kernels() is None or not native.kernels().has_bf16,
+                                 reason="the native bf16 kernel needs an x86 CPU with AVX512_BF16 and a C compiler")
+
+
+def _check_bf16(y, x, w, out_rounding):
+    """y [N] against float64 x [K] @ w [N, K].T. bf16 x bf16 products are exact in float32; each of the
+    16 float32 lanes adds K/32 pairs (two roundings each), then 16 lanes are summed: at most K/16 + 4
+    roundings in a chain, each of relative size 2^-24, on sum |x||w| (the standard bound gamma_n)."""
+    k = x.shape[-1]
+    ref = w.double() @ x.double()
+    n = k / 16 + 8
+    gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+    scale = w.double().abs() @ x.double().abs()
+    bound = gamma * scale * (1 + out_rounding) + out_rounding * ref.abs()
+    assert ((y.double() - ref).abs() <= bound).all(), f"max excess {((y.double() - ref).abs() - bound).max().item():.3g}"
+    assert bound.mean() < 0.01 * scale.mean()
+
+
+@_needs_bf16
+@pytest.mark.parametrize("n, k", [(37, 40), (64, 2560), (9, 100), (131, 1536)])  # K not a multiple of 32; N not of 4
+def test_bf16_gemv_within_the_float32_accumulation_bound(n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    w = (0.02 * torch.randn(n, k, generator=gen)).bfloat16()
+    x = torch.randn(k, generator=gen).bfloat16()
+    kern = native.kernels()
+    for out_dtype, rounding in ((torch.float32, 0.0), (torch.bfloat16, 2.0**-8)):
+        y = kern.bf16_gemv(w, x, out_dtype=out_dtype)
+        assert y.shape == (1, n) and y.dtype == out_dtype
+        _check_bf16(y[0], x, w, rounding)
+
+
+@_needs_bf16
+def test_bf16_gemv_selected_experts_and_per_expert_inputs():
+    gen = torch.Generator().manual_seed(2)
+    w = (0.02 * torch.randn(5, 24, 96, generator=gen)).bfloat16()
+    experts = torch.tensor([3, 0, 3, 4])
+    shared_x, own_x = torch.randn(96, generator=gen).bfloat16(), torch.randn(4, 96, generator=gen).bfloat16()
+    kern = native.kernels()
+    for x, per_expert in ((shared_x, False), (own_x, True)):
+        y = kern.bf16_gemv(w, x, experts, per_expert, out_dtype=torch.float32)
+        assert y.shape == (4, 24)
+        for p, e in enumerate(experts.tolist()):
+            _check_bf16(y[p], x[p] if per_expert else x, w[e], 0.0)
+
+
+@_needs_bf16
+def test_one_bf16_token_takes_the_native_kernel_and_many_take_torch(monkeypatch):
+    from ernie_cli.kernels import ops
+
+    kern = native.kernels()
+    calls = []
+    real = kern.bf16_gemv
+    monkeypatch.setattr(kern, "bf16_gemv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    gen = torch.Generator().manual_seed(4)
+    w = (0.02 * torch.randn(48, 256, generator=gen)).bfloat16()
+    one, many = torch.randn(1, 1, 256, generator=gen).bfloat16(), torch.randn(1, 5, 256, generator=gen).bfloat16()
+    y = ops.linear(one, w)
+    assert calls == [1] and y.shape == (1, 1, 48) and y.dtype == torch.bfloat16
+    _check_bf16(y[0, 0], one[0, 0], w, 2.0**-8)
+    ops.linear(many, w)
+    ops.linear(one.float(), w.float())
+    assert calls == [1]  # several tokens, and float32, stay with torch
+    monkeypatch.setenv("ERNIE_NATIVE", "0")
+    ops.linear(one, w)
+    assert calls == [1]
+
+
+@_needs_bf16
+def test_bf16_decode_with_the_native_kernel_stays_close_to_fp32(checkpoints, monkeypatch):
+    """One-token bf16 steps (the native GEMV for every linear and the selected experts) against the
+    float32 model's logits: as close as torch's bf16 matmuls get (their KL measured alike, same steps)."""
+    from ernie_cli.weights.loader import load_model
+
+    path, _ = checkpoints("moe")
+    ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(7))
+
+    def steps(dtype):
+        model = load_model(path, "cpu", dtype)
+        cache = model.new_cache(1, 32)
+        with torch.no_grad():
+            out = [model(ids[:, :8], 0, cache)[:, -1:]]
+            out += [model(ids[:, p : p + 1], p, cache) for p in range(8, 24)]
+        return torch.cat(out, 1).float()
+
+    def kl(p, q):
+        return torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean().item()
+
+    expected = steps(torch.float32)
+    kern = native.kernels()
+    calls = []
+    real = kern.bf16_gemv
+    monkeypatch.setattr(kern, "bf16_gemv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    ours = kl(expected, steps(torch.bfloat16))
+    assert len(calls) > 16 * 4  # every step's linears and experts went through the kernel
+    monkeypatch.setenv("ERNIE_NATIVE", "0")
+    torchs = kl(expected, steps(torch.bfloat16))
+    assert ours < 1e-3 and ours <= 1.5 * torchs + 1e-5
+
+
+def test_the_build_follows_the_cpu_features(monkeypatch, tmp_path):
+    """One library per feature set, named by it: without AVX512_BF16 the int kernels alone, without
+    AVX-512 VNNI none (torch's kernels)."""
+    base = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2"}
+    assert native.feature_set(base | {"avx512_vnni", "avx512_bf16"})[0] == "avx512-vnni-bf16"
+    assert native.feature_set(base | {"avx512_vnni"})[0] == "avx512-vnni"
+    assert native.feature_set(base) is None and native.feature_set({"avx2", "avx_vnni"}) is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    flags, model = native._cpu_flags()
+    monkeypatch.setattr(native, "_cpu_flags", lambda: (flags - {"avx512_bf16"}, model))
+    native.kernels.cache_clear()
+    try:
+        kern = native.kernels()
+        assert kern is not None and not kern.has_bf16
+        assert [p.name.split("_")[3] for p in (tmp_path / "ernie" / "kernels").iterdir()] == ["avx512-vnni"]
+        with pytest.raises(RuntimeError):
+            kern.bf16_gemv(torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.bfloat16))
+    finally:
+        native.kernels.cache_clear()

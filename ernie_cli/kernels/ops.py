@@ -9,8 +9,9 @@ torch.compile those are constants of the trace, so a compiled step holds only th
 
 This is the only module that reads kernel switches:
 - ERNIE_TRITON=0 keeps every CUDA operation in torch's own kernels (and Inductor's);
-- ERNIE_NATIVE=0 keeps the CPU's quantized products in torch's int kernels (read by kernels/cpu/native.py
-  when it decides whether to build, through native_enabled() here).
+- ERNIE_NATIVE=0 keeps the CPU's quantized products in torch's int kernels and its bf16 products in
+  torch's matmul (read by kernels/cpu/native.py when it decides whether to build, through
+  native_enabled() here).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ernie_cli.kernels import quantized
+from ernie_cli.kernels.cpu import native
 from ernie_cli.kernels.quantized import QuantWeight
 from ernie_cli.kernels.triton import attention as triton_attention
 from ernie_cli.kernels.triton import elementwise as triton_elementwise
@@ -54,6 +56,18 @@ def _gemv_takes(x: torch.Tensor, w) -> bool:
     if isinstance(w, QuantWeight):
         return w.backend == "dequant" and triton_gemv.takes(w.fmt, w.group_size)
     return True
+
+
+def _native_bf16(x: torch.Tensor, w) -> bool:
+    """Whether one token's product with a bf16 weight goes through the native VDPBF16PS GEMV: on a
+    CPU with AVX512_BF16, where oneDNN's M=1 matmul reads the weights at well below the DRAM rate
+    (docs/performance.md). Compiled steps keep torch's (the kernel is a ctypes call)."""
+    if not (isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
+            and x.device.type == "cpu" and w.device.type == "cpu" and x.reshape(-1, x.shape[-1]).shape[0] == 1
+            and w.is_contiguous() and not _compiling() and native_enabled()):
+        return False
+    kern = native.kernels()
+    return kern is not None and kern.has_bf16
 
 
 # ---- §2.2 RMSNorm -------------------------------------------------------------------------------------
@@ -104,6 +118,8 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
             y = quantized.matmul(weight, flat, gpu_dequant=_eager_triton(flat))
     elif _gemv_takes(flat, weight):
         y = triton_gemv.gemv("float", flat[0], weight)
+    elif _native_bf16(flat, weight):
+        y = native.kernels().bf16_gemv(weight, flat[0].contiguous())
     else:
         return F.linear(x, weight, bias)
     y = y.view(*x.shape[:-1], -1)
@@ -149,6 +165,15 @@ def attention(q, k, v, cache_k, cache_v, cos, sin, start, scale: float) -> torch
     cache_k[:, :, start:end] = k
     cache_v[:, :, start:end] = v.transpose(1, 2)
     k, v = cache_k[:, :, :end], cache_v[:, :, :end]  # only the filled part is read
+    if t == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+        # One new token, bf16 on the CPU: torch's kernel took 130 µs a layer on [B, H, 1, d] queries
+        # at 64 cached positions (1.9 ms at 1,024) and 23 µs (157) on the same work posed as the G
+        # query heads of each KV head attending to that head's keys, [B, KV, G, d]: the same sums.
+        # (float32 keeps the form transformers' parity is measured on.)
+        kv_heads = k.shape[1]
+        grouped = q.reshape(b, kv_heads, q.shape[1] // kv_heads, q.shape[-1])
+        out = F.scaled_dot_product_attention(grouped, k, v, scale=scale)
+        return out.reshape(b, t, -1)
     if t == 1:
         mask, causal = None, False  # the one new query sees every cached key
     elif start == 0:
@@ -248,6 +273,13 @@ def experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, 
             )
         if "cpu" in backends:  # torch's int kernels take one matrix at a time
             return selected_one_by_one(x, weights, idx, gate_up, down)
+        if _native_bf16(x, gate_up) and _native_bf16(x, down):
+            kern = native.kernels()
+            return run_selected(
+                x, weights, idx,
+                lambda v, e: kern.bf16_gemv(gate_up, v.contiguous(), e.contiguous()),
+                lambda h, e: kern.bf16_gemv(down, h, e.contiguous(), per_expert_x=True, out_dtype=torch.float32),
+            )
         if x.device.type != "cpu" or _compiling() or quant:
             return gathered(x, weights, idx, gate_up, down)
         # float on the CPU, eagerly: touching the k experts through views beats gathering copies
@@ -394,8 +426,6 @@ FORCED_QUANT_BACKEND = ""
 def choose_backend(fmt: str, group_size: int, device: torch.device, in_features: int) -> str:
     """"native" on the CPU where its kernels build and the shape suits them, else "cpu" (torch's int
     kernels) where they apply, else "dequant" (the layout CUDA uses)."""
-    from ernie_cli.kernels.cpu import native
-
     forced = FORCED_QUANT_BACKEND
     if device.type != "cpu" or forced == "dequant":
         return "dequant"

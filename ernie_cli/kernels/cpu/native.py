@@ -1,13 +1,17 @@
-"""The AVX-512 VNNI int4/int8 matrix-vector kernels of int_kernels.c, compiled on first use.
+"""The AVX-512 kernels of int_kernels.c (int4/int8 by VNNI, bf16 by AVX512_BF16), compiled on first use.
 
-The C file is built with the system's C compiler for this very CPU (-march=native) into the
-kernels folder of ernie's cache (ernie_cli.cachedir: $XDG_CACHE_HOME/ernie or ~/.cache/ernie), under
-a name that hashes the source, the flags and the CPU model, written under a temporary name and
-renamed. Python reaches it through ctypes: the kernels take raw
-pointers, so no torch headers are needed and the build takes about a second.
+The C file is built once per feature set of the CPU (FEATURE_SETS: the first whose flags the CPU
+has) with the system's C compiler into the kernels folder of ernie's cache (ernie_cli.cachedir:
+$XDG_CACHE_HOME/ernie or ~/.cache/ernie), under a name that carries the feature set and hashes the
+source, the flags and the CPU model, written under a temporary name and renamed. Python reaches it
+through ctypes: the kernels take raw pointers, so no torch headers are needed and the build takes
+about a second.
 
 Where the CPU lacks AVX-512 VNNI, no compiler is found, or the build fails, `kernels()` returns
-None and the quantized modules keep torch's own int kernels. ERNIE_NATIVE=0 turns it off.
+None: the quantized modules keep torch's own int kernels, and bf16 products torch's matmul. Without
+AVX512_BF16 the int kernels are built alone (`Kernels.has_bf16` is False). AMX needs no kernel of
+its own here: prefill expands the weights and calls oneDNN, which uses AMX where the CPU has it.
+ERNIE_NATIVE=0 turns it all off.
 """
 
 from __future__ import annotations
@@ -28,8 +32,13 @@ import torch
 from ernie_cli.cachedir import cache_dir
 
 SOURCE = Path(__file__).with_name("int_kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
-NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-mtune=native"]
+# (name, /proc/cpuinfo flags needed, compiler flags), best first.
+FEATURE_SETS = (
+    ("avx512-vnni-bf16", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"),
+     ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16"]),
+    ("avx512-vnni", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"), ["-march=x86-64-v4", "-mavx512vnni"]),
+)
 # From this many tokens a product expands the weight to floats and calls torch's matmul instead
 # (Kernels.dequantize): the measured crossover on the 2-core Xeon with AMX (benchmarks/cpu_prefill_kernels.py).
 PREFILL_TOKENS = 32
@@ -56,12 +65,21 @@ def _cache_dir() -> Path:
     return cache_dir("kernels")
 
 
-def _build(compiler: str, target: Path) -> None:
+def feature_set(flags: set[str]) -> tuple[str, list[str]] | None:
+    """(name, compiler flags) of the best feature set these CPU flags allow, or None."""
+    for name, needed, cflags in FEATURE_SETS:
+        if all(f in flags for f in needed):
+            return name, cflags
+    return None
+
+
+def build(compiler: str, target: Path, cflags: list[str]) -> None:
+    """Compile int_kernels.c with `cflags` (and FLAGS) into `target`, atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
+        subprocess.run([compiler, *FLAGS, *cflags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -82,6 +100,10 @@ class Kernels:
         self.deq = lib.ernie_dequantize
         self.deq.argtypes = [i32, p, p, p, i64, i64, i64, i64, p, i32]
         self.deq.restype = None
+        self.has_bf16 = bool(lib.ernie_has_bf16())
+        self.bf16 = lib.ernie_bf16_gemv
+        self.bf16.argtypes = [p, p, i64, p, i64, p, i32, i64, i64]
+        self.bf16.restype = ctypes.c_int
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self._set_threads = lib.ernie_set_threads
         self._set_threads.argtypes = [i32]
@@ -105,6 +127,24 @@ class Kernels:
         rc = self.q8(qweight.data_ptr(), scales.data_ptr(), ex, p_count, x.data_ptr(), x.dtype == BF16, stride,
                      out.data_ptr(), out.dtype == BF16, m, n, k)
         return self._check(rc, out)
+
+    def bf16_gemv(self, weight, x, experts=None, per_expert_x=False, out_dtype=None):
+        """One token against bf16 weights: x bf16 [K] (or [P, K] with per_expert_x) -> [P, N] (P = 1
+        without experts) in out_dtype (default bf16: one rounding of the float32 sum).
+
+        weight bf16 [(E,) N, K], contiguous. Needs has_bf16."""
+        self._follow_threads()
+        n, k = weight.shape[-2], weight.shape[-1]
+        assert weight.dtype == BF16 and weight.is_contiguous() and x.dtype == BF16 and x.is_contiguous() and x.shape[-1] == k
+        assert experts is None or (experts.dtype == torch.int64 and experts.is_contiguous())
+        p_count = 1 if experts is None else experts.numel()
+        out_dtype = out_dtype or BF16
+        out = torch.empty((p_count, n), dtype=out_dtype)
+        rc = self.bf16(weight.data_ptr(), None if experts is None else experts.data_ptr(), p_count, x.data_ptr(),
+                       k if per_expert_x else 0, out.data_ptr(), out_dtype == BF16, n, k)
+        if rc != 0:
+            raise RuntimeError("the native kernels were built without AVX512_BF16")
+        return out
 
     def dequantize(self, bits, qweight, scales, zeros, group_size, expert, dtype):
         """Expert `expert` (an int; 0 for a plain matrix) of the disk layout -> float32/bf16 [N, K].
@@ -153,16 +193,18 @@ def kernels() -> Kernels | None:
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
     flags, model = _cpu_flags()
-    if not all(f in flags for f in NEEDED_CPU_FLAGS):
+    chosen = feature_set(flags)
+    if chosen is None:
         return None
+    name, cflags = chosen
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [compiler, model]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"ernie_cpu_kernels_{key}.so"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + cflags + [compiler, model]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"ernie_cpu_kernels_{name}_{key}.so"
     try:
         if not target.exists():
-            _build(compiler, target)
+            build(compiler, target, cflags)
         return Kernels(ctypes.CDLL(str(target)))
     except (OSError, subprocess.SubprocessError):
         return None
