@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ernie_cli.commands.checks import check_compile, check_model_options
 from ernie_cli.console import info, stderr_is_tty, write_stdout
 from ernie_cli.errors import UsageError
 
@@ -70,12 +71,8 @@ def bench(
     most_threads = 4 * (os.cpu_count() or 1)  # past that, threads only wait for cores
     if threads is not None and not 1 <= threads <= most_threads:
         raise UsageError(f"-t takes 1 to {most_threads} threads (4x this machine's {os.cpu_count() or 1} CPUs), got {threads}.")
-    if quantize not in (None, "int8", "int4"):
-        raise UsageError(f"--quantize {quantize!r} is not one of int8, int4.")
-    if compile not in ("auto", "on", "off"):
-        raise UsageError(f"--compile {compile!r} is not one of auto, on, off.")
-    if dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"):
-        raise UsageError(f"--dtype {dtype!r} is not one of auto, bfloat16, float16, float32.")
+    check_model_options(dtype, quantize)
+    check_compile(compile)
     prompts, generates, pairs, depths = _int_list(prompt, "-p"), _int_list(generate, "-n"), _pairs(pg or []), _int_list(depth, "-d") or [0]
 
     import torch

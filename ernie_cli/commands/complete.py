@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from ernie_cli.commands.checks import check_compile, check_model_options
 from ernie_cli.console import byte_progress, info, warn, write_stdout
 from ernie_cli.errors import UsageError, deferred_interrupts
 from ernie_cli.weights.hub import DEFAULT_MODEL
-
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _from_shell(value: str, warned: list[bool]) -> str:
@@ -72,16 +70,8 @@ def complete(
         raise UsageError("--max-tokens must be at least 1.")
     if logprobs is not None and not 0 <= logprobs <= 20:
         raise UsageError("--logprobs must be between 0 and 20.")
-    if max_context is not None and max_context < 2:
-        raise UsageError("--max-context must be at least 2.")
-    if dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"):
-        raise UsageError(f"--dtype {dtype!r} is not one of auto, bfloat16, float16, float32.")
-    if quantize not in (None, "int8", "int4"):
-        raise UsageError(f"--quantize {quantize!r} is not one of int8, int4.")
-    if compile not in ("auto", "on", "off"):
-        raise UsageError(f"--compile {compile!r} is not one of auto, on, off.")
-    if not DEVICE.fullmatch(device):
-        raise UsageError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N.")
+    check_model_options(dtype, quantize, device, max_context)
+    check_compile(compile)
     chosen = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,

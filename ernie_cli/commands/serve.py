@@ -27,7 +27,7 @@ def serve(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Nothing on stderr but warnings and errors.")] = False,
 ) -> None:
     """Serve POST /v1/completions (OpenAI's legacy completions API), GET /v1/models and GET /health."""
-    from ernie_cli.commands.complete import DEVICE
+    from ernie_cli.commands.checks import check_model_options
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be between 0 and 65535, not {port}.")
@@ -35,14 +35,7 @@ def serve(
         raise UsageError("--max-batch must be at least 1.")
     if max_queue < 1:
         raise UsageError("--max-queue must be at least 1.")
-    if max_context is not None and max_context < 2:
-        raise UsageError("--max-context must be at least 2.")
-    if dtype not in ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"):
-        raise UsageError(f"--dtype {dtype!r} is not one of auto, bfloat16, float16, float32.")
-    if quantize not in (None, "int8", "int4"):
-        raise UsageError(f"--quantize {quantize!r} is not one of int8, int4.")
-    if not DEVICE.fullmatch(device):
-        raise UsageError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N.")
+    check_model_options(dtype, quantize, device, max_context)
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key (or ERNIE_API_KEY) is empty: give a key, or leave it unset for no key.")
     if api_key is None and not _loopback(host):
