@@ -24,27 +24,30 @@ from ernie_cli.runtime.generate import generate  # noqa: E402
 from ernie_cli.runtime.sampling import Sampler, SamplingParams  # noqa: E402
 from ernie_cli.weights.loader import load_model, prepare_for_decoding  # noqa: E402
 
+MODES = ("eager", "graph", "compile")
+
 
 def kl(p_logits, q_logits):
     return torch.nn.functional.kl_div(q_logits.log_softmax(-1), p_logits.log_softmax(-1), log_target=True, reduction="none").sum(-1)
 
 
-def compiled_vs_eager(shape, m32, m16, prompt):
-    """The CUDA-graph decode step against the eager one: greedy tokens in fp32, logits in bf16."""
-    runs = []
-    for compile in (False, True):
+def steps_vs_eager(shape, m32, m16, prompt):
+    """The decode step as a captured CUDA graph and as Inductor's compiled graph, each against the
+    eager step: greedy tokens in fp32, teacher-forced logits in bf16."""
+    runs, logits = {}, {}
+    for mode in MODES:
         sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5), m32.config.vocab_size, m32.device)
-        runs.append([s.token for s in generate(m32, prompt, 64, sampler, decoder=Decoder(prepare_for_decoding(m32, compile), compile))])
+        runs[mode] = [s.token for s in generate(m32, prompt, 64, sampler, decoder=Decoder(prepare_for_decoding(m32, mode), mode))]
     tok = torch.tensor([prompt], device=m16.device)
-    logits = []
-    for compile in (False, True):
-        dec = Decoder(prepare_for_decoding(m16, compile), compile)
+    for mode in MODES:
+        dec = Decoder(prepare_for_decoding(m16, mode), mode)
         cache = dec.reserve(64)
-        with torch.no_grad():  # teacher-forced, so both runs see the same tokens
+        with torch.no_grad():  # teacher-forced, so every run sees the same tokens
             m16(tok[:, :1], 0, cache)
             out = [dec(tok[:, i : i + 1], i) for i in range(1, len(prompt))]
-        logits.append(torch.stack(out).float())
-    return shape, runs[0] == runs[1], (logits[0] - logits[1]).abs().max().item(), logits[0].abs().max().item()
+        logits[mode] = torch.stack(out).float()
+    scale = logits["eager"].abs().max().item()
+    return [(shape, mode, runs[mode] == runs["eager"], (logits[mode] - logits["eager"]).abs().max().item(), scale) for mode in MODES[1:]]
 
 
 def main() -> None:
@@ -71,18 +74,18 @@ def main() -> None:
             rows.append((shape, diff, got == want, kl(expected, got16).mean().item(),
                          (got16.argmax(-1) == expected.argmax(-1)).float().mean().item()))
             if shape in ("moe", "dense"):
-                compiled.append(compiled_vs_eager(shape, ours32, ours16, ids[0, :9].tolist()))
+                compiled.extend(steps_vs_eager(shape, ours32, ours16, ids[0, :9].tolist()))
             del ref, ours32, ours16
     print(f"\nCUDA parity on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}")
     print("| shape | fp32 max abs diff | greedy 32 identical | bf16 mean KL | bf16 top-1 |")
     print("|---|---:|---|---:|---:|")
     for shape, diff, same, k, top1 in rows:
         print(f"| {shape} | {diff:.2e} | {same} | {k:.2e} | {top1:.3f} |")
-    print("\n| shape | compiled vs eager: fp32 greedy 64 identical | bf16 decode logits max abs diff (scale) |")
-    print("|---|---|---:|")
-    for shape, same, diff, scale in compiled:
-        print(f"| {shape} | {same} | {diff:.3e} ({scale:.2f}) |")
-    ok = all(d < 1e-4 and same for _, d, same, _, _ in rows) and all(c[1] for c in compiled)
+    print("\n| shape | step | against eager: fp32 greedy 64 identical | bf16 decode logits max abs diff (scale) |")
+    print("|---|---|---|---:|")
+    for shape, mode, same, diff, scale in compiled:
+        print(f"| {shape} | {mode} | {same} | {diff:.3e} ({scale:.2f}) |")
+    ok = all(d < 1e-4 and same for _, d, same, _, _ in rows) and all(c[2] for c in compiled)
     print("PARITY", "OK" if ok else "FAILED")
 
 

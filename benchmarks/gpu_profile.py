@@ -64,7 +64,7 @@ def main() -> None:
         model = quantize_in_place(model, QuantSpec.make(args.quantize))
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    decoder = Decoder(prepare_for_decoding(model, True), compile=True)
+    decoder = Decoder(prepare_for_decoding(model, "compile"), "compile")
     cache = decoder.reserve(512)
     tok = torch.tensor([[1000]], device="cuda")
     with torch.inference_mode():

@@ -11,7 +11,7 @@
 #   tests [PYTEST ARGS]   the tests that need a GPU (default: every file of them)
 #   profile [OPTIONS...]  benchmarks/gpu_profile.py on the same shape: where a decode step's time goes
 #   gemv [FORMAT...]      benchmarks/gpu_gemv_bench.py: the one-token kernels inside a CUDA graph
-#   ttft TOKENIZER_DIR [--runs N]   benchmarks/gpu_ttft.py: `ernie complete` start-up, cold and warm
+#   oneshot TOKENIZER_DIR [ARGS]   benchmarks/oneshot.py: fresh `ernie complete` processes against the floor F
 #
 # LIMIT (seconds, default 540) bounds the run; OUT (default a new temporary directory) keeps its whole
 # output. ERNIE_TRITON=0 and ERNIE_NATIVE=0 reach the run like any environment variable.
@@ -19,8 +19,8 @@ set -u
 cd "$(dirname "$0")/.."
 MODE=${1:-}; shift || true
 case "$MODE" in
-  bench|hf|parity|tests|profile|gemv|ttft) ;;
-  *) echo "error: unknown mode '$MODE': use bench, hf, parity, tests, profile, gemv or ttft (see the head of $0)" >&2; exit 2 ;;
+  bench|hf|parity|tests|profile|gemv|oneshot) ;;
+  *) echo "error: unknown mode '$MODE': use bench, hf, parity, tests, profile, gemv or oneshot (see the head of $0)" >&2; exit 2 ;;
 esac
 source benchmarks/device_env.sh
 LIMIT=${LIMIT:-540}
@@ -86,11 +86,11 @@ PY
     limited python3 benchmarks/gpu_gemv_bench.py "$@" > "$LOG" 2>&1; rc=$?
     grep -v -i warn "$LOG" | tail -40 > "$TABLE"
     ;;
-  ttft)
-    (( $# )) || { echo "error: ttft needs the tokenizer directory: bash benchmarks/gpu_run.sh ttft TOKENIZER_DIR" >&2; exit 2; }
+  oneshot)
+    (( $# )) || { echo "error: oneshot needs the tokenizer directory: bash benchmarks/gpu_run.sh oneshot TOKENIZER_DIR" >&2; exit 2; }
     tok=$1; shift
-    limited python3 benchmarks/gpu_ttft.py "$CFG" "$tok" "$OUT/ttft" "$@" > "$LOG" 2>&1; rc=$?
-    grep -v -i warn "$LOG" | tail -12 > "$TABLE"
+    limited python3 benchmarks/oneshot.py "$tok" "${WORK:-/tmp/oneshot}" "$@" > "$LOG" 2>&1; rc=$?
+    sed -n '/^NVIDIA\|^| /p' "$LOG" > "$TABLE"
     ;;
 esac
 echo "$MODE: $(( $(date +%s) - start )) s, exit $rc; whole output in $OUT"

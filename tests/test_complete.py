@@ -93,8 +93,24 @@ def test_json_schema(model_dir):
     assert record["prompt"] == PROMPT and record["logprobs"] is None
     assert record["usage"] == {"prompt_tokens": len(record["prompt_tokens"]), "completion_tokens": len(record["tokens"]),
                                "total_tokens": len(record["prompt_tokens"]) + len(record["tokens"])}
-    assert set(record["timings"]) == {"load_s", "prefill_s", "decode_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert set(record["timings"]) == {"load_s", "prefill_s", "first_step_s", "decode_s", "prefill_tokens_per_s",
+                                      "decode_tokens_per_s", "stages"}
     assert record["finish_reason"] in ("length", "eos")
+
+
+def test_stages_account_for_the_wall_time(model_dir):
+    """-v names every stage on stderr; the stages, which start at the process's start, add up to no
+    more than the wall time seen from outside and to most of it (what is left is exiting)."""
+    start = time.perf_counter()
+    proc = ernie("-m", str(model_dir), "--json", "-v", "-n", "5", "-s", "3", "--ignore-eos", PROMPT)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr.decode()
+    stages = json.loads(proc.stdout)["timings"]["stages"]
+    assert list(stages) == ["start", "prompt", "import", "device", "weights", "prepare", "prefill", "first step", "decode", "other"]
+    assert all(v >= 0 for v in stages.values())
+    assert 0.5 * wall < sum(stages.values()) <= wall + 0.02  # /proc's start time has a 10 ms tick
+    err = proc.stderr.decode()
+    assert "stages:" in err and all(f"  {name} " in err for name in stages)
 
 
 def test_logprobs_match_reference_log_softmax(model_dir, reference):

@@ -207,7 +207,7 @@ def test_router_logits_as_a_sum_in_the_compiled_step_match_transformers(checkpoi
     ids = _prompt(n=12)
     with torch.no_grad():
         expected = ref(ids).logits[0]
-        decoder = Decoder(model, compile=True)
+        decoder = Decoder(model, "compile")
         model(ids[:, :4], 0, decoder.reserve(16))
         steps = torch.stack([decoder(ids[:, p : p + 1], p).reshape(-1) for p in range(4, 12)])
     assert (steps - expected[4:12]).abs().max().item() < TOL

@@ -63,7 +63,7 @@ def test_greedy_after_padded_prefill_identical_to_transformers(checkpoints, shap
     model = load_model(path, "cpu", torch.float32)
     decoder = Decoder(model, prefill_graphs=PrefillGraphs(model, capture=False))
     if graph_step:  # the step uncompiled: the graph's code, run eagerly
-        decoder.compiled, decoder.pos = True, torch.zeros(1, dtype=torch.long)
+        decoder.mode, decoder.pos = "compile", torch.zeros(1, dtype=torch.long)
         decoder.step = decoder._step
     sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5), model.config.vocab_size, model.device)
     got = [s.token for s in generate(model, ids[0].tolist(), 32, sampler, decoder=decoder)]
@@ -168,7 +168,7 @@ def _assert_same(got, want, dtype, n):
 def test_float32_experts_keep_the_eager_prefill_on_the_gpu(checkpoints):
     model = load_model(checkpoints("moe")[0], "cuda", torch.float32)
     assert prefill_waits_for_host(model)
-    assert Decoder(model, compile=True).prefill_graphs is None
+    assert Decoder(model, "compile").prefill_graphs is None
 
 
 @hopper
@@ -181,7 +181,7 @@ def test_compiled_generation_with_prefill_graphs_on_the_gpu(checkpoints):
         out = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, repetition_penalty=1.5,
                            eos_token_id=None, pad_token_id=0)
     model = load_model(path, "cuda", torch.float32)
-    decoder = Decoder(model, compile=True)
+    decoder = Decoder(model, "compile")
     assert decoder.prefill_graphs is not None
     sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5), model.config.vocab_size, model.device)
     got = [s.token for s in generate(model, ids[0].tolist(), 32, sampler, decoder=decoder)]

@@ -363,7 +363,7 @@ def test_compiled_cpu_decode_keeps_the_native_kernels(quantized, monkeypatch):
     real = native.kernels().int4
     monkeypatch.setattr(native.kernels(), "int4", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
     with torch.no_grad():
-        compiled = Decoder(model, compile=True)
+        compiled = Decoder(model, "compile")
         cache = compiled.reserve(16)
         model(ids[:, :4], 0, cache)
         eager = [model(ids[:, p : p + 1], p, cache)[:, -1] for p in range(4, 12)]

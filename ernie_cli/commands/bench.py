@@ -51,7 +51,7 @@ def bench(
     dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize float weights while loading: int8 or int4.", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads. [default: torch's, usually the physical cores]", show_default=False)] = None,
-    compile: Annotated[str, typer.Option("--compile", help="auto (on for CUDA), on or off: the decode step as one CUDA graph.")] = "auto",
+    compile: Annotated[str, typer.Option("--compile", help="auto (graph on CUDA), graph, on or off: the decode step as one CUDA graph, captured (graph) or compiled by Inductor (on).")] = "auto",
     output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv.")] = "md",
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
 ) -> None:
@@ -78,7 +78,7 @@ def bench(
     import torch
 
     from ernie_cli.runtime import benchmark as runtime
-    from ernie_cli.runtime.decoder import Decoder, use_compile
+    from ernie_cli.runtime.decoder import Decoder, step_mode
     from ernie_cli.weights.loader import (
         prepare_for_decoding,
         resolve_device,
@@ -97,9 +97,9 @@ def bench(
     model_obj, name, size, quant = _load(model, model_dir, config, cfg, dev, dtype, quantize)
     runtime.check_memory(cfg, tests, model_obj.dtype, dev)  # and beside the weights, before any test runs
     context = runtime.run_context(model_obj, name, size, quant)
-    compiled = use_compile(compile, dev)
-    decoder = Decoder(prepare_for_decoding(model_obj, compiled), compiled)
-    context["compiled"] = decoder.compiled
+    mode = step_mode(compile, dev)
+    decoder = Decoder(prepare_for_decoding(model_obj, mode), mode)
+    context["step"] = decoder.mode
     show = stderr_is_tty()
     rows = []
     for spec in tests:
@@ -195,7 +195,7 @@ def _json(rows: list[dict], context: dict) -> str:
 
 _CSV_FIELDS = [
     "model", "architecture", "layers", "size_on_disk_bytes", "params_total", "params_active", "weight_bytes_in_memory",
-    "device", "device_name", "threads", "dtype", "quantization", "compiled", "torch", "commit", "date", "test", "prompt_tokens",
+    "device", "device_name", "threads", "dtype", "quantization", "step", "torch", "commit", "date", "test", "prompt_tokens",
     "gen_tokens", "depth", "mean_tokens_per_s", "std_tokens_per_s", "median_ttft_ms", "peak_memory_bytes",
     "weight_bytes_per_token", "bandwidth_gb_s",
 ]

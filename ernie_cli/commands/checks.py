@@ -22,5 +22,5 @@ def check_model_options(dtype: str, quantize: str | None, device: str | None = N
 
 
 def check_compile(compile: str) -> None:
-    if compile not in ("auto", "on", "off"):
-        raise UsageError(f"--compile {compile!r} is not one of auto, on, off.")
+    if compile not in ("auto", "graph", "on", "off"):
+        raise UsageError(f"--compile {compile!r} is not one of auto, graph, on, off.")

@@ -55,13 +55,17 @@ def complete(
     dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize a float checkpoint while loading: int8 or int4.", show_default=False)] = None,
     max_context: Annotated[Optional[int], typer.Option("--max-context", help="Most positions (prompt + output). [default: the model's]", show_default=False)] = None,
-    compile: Annotated[str, typer.Option("--compile", help="auto (on for CUDA), on or off: the decode step as one CUDA graph.")] = "auto",
+    compile: Annotated[str, typer.Option("--compile", help="auto (graph on CUDA), graph, on or off: the decode step as one CUDA graph, captured (graph) or compiled by Inductor (on).")] = "auto",
     no_stdin: Annotated[bool, typer.Option("--no-stdin", envvar="ERNIE_NO_STDIN", show_envvar=False, help="Never read stdin, even when it is piped: for scripts and `while read` loops (also ERNIE_NO_STDIN=1).")] = False,
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network (as HF_HUB_OFFLINE=1).")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No summary line on stderr.")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Print where the time went, stage by stage, on stderr.")] = False,
     server: Annotated[Optional[str], typer.Option("--server", envvar="ERNIE_SERVER", show_envvar=False, help="Ask a running `ernie serve` at this URL instead of loading the model (also ERNIE_SERVER); its key from ERNIE_API_KEY.", show_default=False)] = None,
 ) -> None:
     """Continue PROMPT with the model and stream the text to stdout. Statistics go to stderr."""
+    from ernie_cli.runtime.stages import Stages
+
+    stages = Stages()
     from ernie_cli.text import prompt as prompt_module
     from ernie_cli.runtime.sampling import SamplingParams
 
@@ -103,9 +107,11 @@ def complete(
 
     model_dir = resolve_model(model, offline=True if offline else None, quiet=quiet)
     gathered = prompt_module.prepare(model_dir, src, max_context)
+    stages.mark("prompt")
 
     with deferred_interrupts():  # torch is imported here
         from ernie_cli.runtime import completion
+    stages.mark("import")
 
     defaults = completion.generation_defaults(model_dir)
     values = {k: (v if v is not None else defaults.get(k)) for k, v in chosen.items()}
@@ -113,7 +119,7 @@ def complete(
 
     progress, stop_progress = byte_progress("loading weights", quiet)
     try:
-        runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, progress, compile, gathered.tokenizer)
+        runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, progress, compile, gathered.tokenizer, stages)
     finally:
         stop_progress()
     text = gathered.text
@@ -122,6 +128,9 @@ def complete(
         write_stdout(text)
     result = completion.run_completion(runtime, request, on_text=(lambda s: None) if as_json else write_stdout)
     t = result.timings
+    for name, seconds in (("prefill", t.prefill_s), ("first step", t.first_step_s), ("decode", t.decode_s)):
+        stages.add(name, seconds)
+    stages.mark("other")  # sampling set-up, text, output
     if as_json:
         record = {
             "model": model,
@@ -133,8 +142,9 @@ def complete(
             "logprobs": result.logprobs,
             "usage": {"prompt_tokens": len(result.prompt_tokens), "completion_tokens": len(result.tokens),
                       "total_tokens": len(result.prompt_tokens) + len(result.tokens)},
-            "timings": {"load_s": runtime.load_s, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
-                        "prefill_tokens_per_s": t.prefill_tps, "decode_tokens_per_s": t.decode_tps},
+            "timings": {"load_s": runtime.load_s, "prefill_s": t.prefill_s, "first_step_s": t.first_step_s, "decode_s": t.decode_s,
+                        "prefill_tokens_per_s": t.prefill_tps, "decode_tokens_per_s": t.decode_tps,
+                        "stages": stages.seconds},
         }
         write_stdout(json.dumps(record, ensure_ascii=False) + "\n")
     elif result.text and not result.text.endswith("\n") and sys.stdout.isatty():
@@ -145,3 +155,5 @@ def complete(
             f"prefill {t.prefill_tps:.1f} tok/s, decode {t.decode_tps:.1f} tok/s; "
             f"load {runtime.load_s:.1f} s; finish: {result.finish_reason}"
         )
+    if verbose:
+        info(stages.table())

@@ -140,28 +140,46 @@ def load_quantized_dir(model_dir: Path, cfg: ErnieConfig, device: torch.device, 
         model = ErnieForCausalLM(cfg)
     reader = TensorReader(ckpt)
     total, done = sum(info.nbytes for info in ckpt.tensors.values()), 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    copier = None
+    if device.type == "cuda":  # every tensor queued at once on the staging workers
+        from ernie_cli.weights.staging import StagedCopier
+
+        copier = StagedCopier(reader, device)
     try:
         with torch.no_grad():
             for name, shape in model_params(cfg):
                 fmt = spec.format_of(name)
                 if fmt is None:
-                    value = reader.read(name)
                     target = torch.float32 if _is_fp32(name) else dtype
+                    if copier is not None:
+                        set_param(model, name, copier.tensor(name, target))
+                        continue
+                    value = reader.read(name)
                     set_param(model, name, value.to(device=device, dtype=target))
-                    done += value.nbytes
+                    advance(value.nbytes)
                 else:
                     # The native CPU kernels read the file layout, at any alignment: their weights stay
                     # views of the mapped files (TensorReader.map). torch's int kernels want their own
-                    # aligned, repacked copies, and other devices a copy anyway.
+                    # aligned, repacked copies; on CUDA the file layout lands on the GPU as it is.
                     backend = choose_backend(fmt, spec.group_size, device, shape[-1])
-                    get = reader.map if backend == "native" else reader.read
+                    get = copier.tensor if copier is not None else reader.map if backend == "native" else reader.read
                     tensors = {s: get(f"{name}.{s}") for s in formats.quantized_shapes(fmt, shape, spec.group_size)}
                     install(model, name, fmt, tensors, shape, spec.group_size, device, dtype, backend)
-                    done += sum(t.nbytes for t in tensors.values())
+                    if copier is None:
+                        advance(sum(t.nbytes for t in tensors.values()))
                     del tensors
-                if progress:
-                    progress(done, total)
+            if copier is not None:
+                copier.wait(advance)
     finally:
+        if copier is not None:
+            copier.close()
         reader.close()
     return finish(model, spec)
 

@@ -16,9 +16,10 @@ from typing import Callable
 from ernie_cli.errors import check_interrupt
 from ernie_cli.model.config import ErnieConfig, load_config
 from ernie_cli.model.ernie import ErnieForCausalLM
-from ernie_cli.runtime.decoder import Decoder, use_compile
+from ernie_cli.runtime.decoder import Decoder, step_mode
 from ernie_cli.runtime.generate import Timings, generate
 from ernie_cli.runtime.sampling import Sampler, SamplingParams
+from ernie_cli.runtime.stages import Stages
 from ernie_cli.text.detokenize import StreamingDetokenizer
 from ernie_cli.text.prompt import context_of, encode
 from ernie_cli.text.tokenizer import ErnieTokenizer, load_tokenizer
@@ -28,6 +29,7 @@ from ernie_cli.weights.loader import (
     prepare_for_decoding,
     resolve_device,
     resolve_dtype,
+    start_device,
 )
 
 # Keys of generation_config.json that map onto our sampling options.
@@ -72,19 +74,25 @@ def load_runtime(
     progress: Callable[[int, int], None] | None = None,
     compile: str = "auto",
     tokenizer: ErnieTokenizer | None = None,
+    stages: Stages | None = None,
 ) -> Runtime:
     start = time.perf_counter()
+    stages = stages or Stages()
     tokenizer = tokenizer or load_tokenizer(model_dir)
     cfg = load_config(model_dir)
     dev = resolve_device(device)
+    start_device(dev)
+    stages.mark("device")
     context = max_context or cfg.max_position_embeddings
     # The cache is sized per request, but refusing early beats failing after the weights are in.
     reserve = kv_cache_bytes(cfg, min(context, 8192), resolve_dtype(dtype, cfg, dev))
     kwargs = {"quantize": quantize} if quantize else {}
     model = load_model(model_dir, dev, dtype, progress=progress, reserve_bytes=reserve, **kwargs)
     check_interrupt()  # a Ctrl-C swallowed while loading must not let the run go on
-    compiled = use_compile(compile, dev)
-    decoder = Decoder(prepare_for_decoding(model, compiled), compiled)
+    stages.mark("weights")
+    mode = step_mode(compile, dev)
+    decoder = Decoder(prepare_for_decoding(model, mode), mode)
+    stages.mark("prepare")
     return Runtime(model, tokenizer, model.config, model_dir, generation_defaults(model_dir), time.perf_counter() - start, decoder)
 
 

@@ -1,5 +1,6 @@
-"""The model run over one sequence on a device: the KV cache it owns, the one-token step (eager, or
-one CUDA graph when compiled) and the prompt's forward (a CUDA graph per padded length on CUDA)."""
+"""The model run over one sequence on a device: the KV cache it owns, the one-token step (eager,
+captured as one CUDA graph, or compiled by Inductor into one) and the prompt's forward (a CUDA
+graph per padded length where the step is compiled)."""
 
 from __future__ import annotations
 
@@ -15,13 +16,19 @@ from ernie_cli.kernels import ops
 from ernie_cli.model.cache import KVCache
 from ernie_cli.model.ernie import ErnieForCausalLM, MoE
 
+MODES = ("auto", "graph", "on", "off")
 
-def use_compile(option: str, device: torch.device) -> bool:
-    """--compile auto|on|off: auto compiles on CUDA, where a CUDA graph removes ~1000 kernel launches
-    per token; on the CPU the compile time is not won back."""
-    if option == "auto":
-        return device.type == "cuda"
-    return option == "on"
+
+def step_mode(option: str, device: torch.device) -> str:
+    """--compile auto|graph|on|off -> "graph", "compile" or "eager".
+
+    auto is "graph" on CUDA: the eager step's kernels (Triton, cuBLAS and a few torch ops, static
+    shapes, no host sync) captured as one CUDA graph in well under a second, where Dynamo and
+    Inductor spend seconds before the first token even with their caches warm, for a step no
+    faster (docs/performance.md). On the CPU there are no graphs, and compiling is not won back."""
+    if device.type != "cuda":
+        return "compile" if option == "on" else "eager"
+    return {"auto": "graph", "graph": "graph", "on": "compile", "off": "eager"}[option]
 
 
 def _compile_settings() -> None:
@@ -37,6 +44,49 @@ def prefill_waits_for_host(model: ErnieForCausalLM) -> bool:
     """Whether a prompt's forward reads anything back to the host, so that no CUDA graph can hold it."""
     stacks = [(layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj) for layer in model.layers if isinstance(layer.mlp, MoE)]
     return ops.prefill_waits_for_host(model.device, model.dtype, stacks)
+
+
+def _capture(fn, device: torch.device, pool=None):
+    """fn() run twice on a side stream (Triton compiles and tunes, cuBLAS sets up: none of it may
+    happen inside a capture), then captured: (graph, fn's output inside the graph's memory)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = fn()
+    return graph, out
+
+
+class StepGraph:
+    """The eager one-token step, captured once per KV cache as one CUDA graph: no Dynamo, no
+    Inductor, nothing compiled but the Triton kernels the eager step launches anyway (kept in
+    Triton's cache between runs). The token and position are read from device buffers, so a replay
+    needs no host value; the graph writes into the cache it was captured with, so a new cache
+    means a new capture."""
+
+    def __init__(self, model: ErnieForCausalLM):
+        self.model = model
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._cache = lambda: None  # a weak reference: the graph never keeps an old cache alive
+        self.tokens = self.pos = self.logits = None
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        if self._cache() is not cache or self.tokens.shape != tokens.shape:
+            self.graph = None  # the old graph's memory goes before the new capture takes its own
+            device = self.model.device
+            self.tokens = tokens.detach().clone()
+            self.pos = torch.full((1,), pos, dtype=torch.long, device=device)
+            self.graph, self.logits = _capture(lambda: self.model(self.tokens, self.pos, cache)[:, -1], device)
+            self._cache = weakref.ref(cache)
+        self.tokens.copy_(tokens)
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.logits.clone()  # the graph's output buffer is reused by the next replay
 
 
 class PrefillGraphs:
@@ -106,47 +156,45 @@ class PrefillGraphs:
 
     def _capture(self, n: int, cache: KVCache) -> tuple:
         model, device = self.model, self.model.device
-
-        def forward(padded, last):
-            return model(padded, 0, cache, last=last)[:, -1]
-
         padded = torch.zeros((1, n), dtype=torch.long, device=device)
         last = torch.zeros(1, dtype=torch.long, device=device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                forward(padded, last)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = forward(padded, last)
+        graph, logits = _capture(lambda: model(padded, 0, cache, last=last)[:, -1], device, self.pool)
         return graph, padded, last, logits
 
 
 class Decoder:
-    """Runs the model over one sequence: owns its KV cache, and the one-token step, eager or
-    compiled into one CUDA graph; on CUDA, when compiled, the prompt's forward replays a CUDA
-    graph (PrefillGraphs). It never changes the model: the loader made every fusion first."""
+    """Runs the model over one sequence: owns its KV cache and the one-token step, in one of three
+    modes (step_mode): "eager"; "graph", the eager step captured as one CUDA graph (StepGraph);
+    "compile", the step compiled by Inductor into one CUDA graph, where the prompt's forward
+    also replays a CUDA graph (PrefillGraphs), which pays back only over many prompts. It never
+    changes the model: the loader made every fusion first."""
 
-    def __init__(self, model: ErnieForCausalLM, compile: bool = False, prefill_graphs: PrefillGraphs | None = None):
-        self.model = model
-        self.compiled = compile
+    def __init__(self, model: ErnieForCausalLM, mode: str = "eager", prefill_graphs: PrefillGraphs | None = None):
+        if mode not in ("eager", "graph", "compile"):
+            raise ValueError(f"unknown step mode {mode!r}")
+        if mode == "graph" and model.device.type != "cuda":
+            mode = "eager"  # no graphs off CUDA
+        self.model, self.mode = model, mode
         self.prefill_graphs = prefill_graphs
         self.cache: KVCache | None = None
-        if compile:
+        self.graph = StepGraph(model) if mode == "graph" else None
+        if mode == "compile":
             _compile_settings()
             # CUDA: the step as one CUDA graph; the CPU has none, and there compiling fuses the small ops.
-            mode = "reduce-overhead" if model.device.type == "cuda" else "default"
-            self.step = torch.compile(self._step, mode=mode, fullgraph=True)
+            kind = "reduce-overhead" if model.device.type == "cuda" else "default"
+            self.step = torch.compile(self._step, mode=kind, fullgraph=True)
             self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
             if prefill_graphs is None and model.device.type == "cuda" and not prefill_waits_for_host(model):
                 self.prefill_graphs = PrefillGraphs(model)
 
+    @property
+    def compiled(self) -> bool:
+        return self.mode == "compile"
+
     def reserve(self, positions: int, batch: int = 1) -> KVCache:
-        """A cache for `positions`: the one held where it is big enough, so a compiled step keeps its shapes."""
+        """A cache for `positions`: the one held where it is big enough, so a captured step keeps its shapes."""
         if self.cache is None or not self.cache.holds(batch, positions, self.model.dtype):
             self.cache = None  # freed before the new one is made: never two caches at once
             self.cache = self.model.new_cache(batch, positions)
@@ -166,9 +214,15 @@ class Decoder:
 
     def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """tokens [B, 1] at position pos -> logits [B, V]."""
-        if not self.compiled:
+        if self.mode == "graph":
+            try:
+                return self.graph(tokens, pos, self.cache)
+            except RuntimeError as e:  # something in the step waited for the host: stay correct, say so
+                if os.environ.get("ERNIE_DEBUG") == "1":
+                    raise
+                warn(f"the decode step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); it runs eagerly.")
+                self.mode, self.graph = "eager", None
+        if self.mode == "eager":
             return self.model(tokens, pos, self.cache)[:, -1]
         self.pos.fill_(pos)
         return self.step(tokens, self.pos).clone()  # the graph's output buffer is reused by the next replay
-
-

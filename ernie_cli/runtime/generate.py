@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -23,11 +23,15 @@ class Step:
 
 @dataclass
 class Timings:
+    """prefill_s: the prompt's forward, up to the first token. first_step_s: the first decode step,
+    which also builds what later steps replay (a CUDA graph's capture, Triton's first launches).
+    decode_s and decoded_tokens: the steps after it, the steady rate."""
+
     prefill_s: float = 0.0
+    first_step_s: float = 0.0
     decode_s: float = 0.0
     prompt_tokens: int = 0
-    decoded_tokens: int = 0  # tokens produced by decode steps (the first comes from the prefill)
-    _t0: float = field(default=0.0, repr=False)
+    decoded_tokens: int = 0
 
     @property
     def prefill_tps(self) -> float:
@@ -90,6 +94,8 @@ def generate(
         now = time.perf_counter()
         if i == 0:
             timings.prefill_s = now - start
+        elif i == 1:
+            timings.first_step_s = now - start
         else:
             timings.decode_s += now - start
             timings.decoded_tokens += 1

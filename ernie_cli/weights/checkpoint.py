@@ -151,16 +151,30 @@ class TensorReader:
             nbytes = (end - begin) * row_bytes
             shape = [end - begin, shape[-1]]
         out = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            fd = self._fd(info.file)
-            view = memoryview(byte_view(out)).cast("B")
-            got = 0
-            while got < nbytes:
-                n = os.preadv(fd, [view[got:]], offset + got)
-                if not n:
-                    raise ErnieError(f"{info.file}: tensor {name} ends early (the file was truncated while reading); re-download the file.")
-                got += n
+        self._pread(name, out, offset)
         return out.view(info.dtype).view(shape)
+
+    def read_into(self, name: str, out: torch.Tensor, start: int = 0) -> None:
+        """Bytes start..start+len(out) of tensor `name` into `out`, a contiguous uint8 CPU tensor
+        (a pinned staging buffer: weights/staging.py)."""
+        info = self.tensors[name]
+        if start + out.numel() > info.nbytes:
+            raise ValueError(f"{name}: bytes {start}..{start + out.numel()} are past its {info.nbytes}")
+        self._pread(name, out, info.offset + start)
+
+    def _pread(self, name: str, out: torch.Tensor, offset: int) -> None:
+        nbytes = out.numel()
+        if not nbytes:
+            return
+        info = self.tensors[name]
+        fd = self._fd(info.file)
+        view = memoryview(byte_view(out)).cast("B")
+        got = 0
+        while got < nbytes:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if not n:
+                raise ErnieError(f"{info.file}: tensor {name} ends early (the file was truncated while reading); re-download the file.")
+            got += n
 
     def close(self) -> None:
         """Closes the files; mapped views stay valid for as long as they are used."""
@@ -218,6 +232,10 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(os.path.getsize(f) for f in self.files)
+
+    @property
+    def reader(self) -> TensorReader:
+        return self._reader
 
     def get(self, name: str) -> torch.Tensor:
         return self._reader.read(name)

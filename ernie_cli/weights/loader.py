@@ -34,6 +34,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def start_device(device: torch.device) -> None:
+    """Create the CUDA context now (a second or more), so that its cost is not counted as reading."""
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,10 +142,11 @@ def _empty_model(cfg: ErnieConfig) -> ErnieForCausalLM:
         return ErnieForCausalLM(cfg)
 
 
-def prepare_for_decoding(model: ErnieForCausalLM, compiled: bool) -> ErnieForCausalLM:
-    """The transforms a compiled one-token step wants (ernie_cli.weights.fuse), made once, before any
-    decoder sees the model; eager steps keep the checkpoint's own matrices."""
-    if compiled:
+def prepare_for_decoding(model: ErnieForCausalLM, mode: str) -> ErnieForCausalLM:
+    """The transforms a one-token step run as a CUDA graph wants (ernie_cli.weights.fuse: fewer,
+    larger kernels), made once, before any decoder sees the model (mode: "graph" or "compile");
+    eager steps keep the checkpoint's own matrices."""
+    if mode in ("graph", "compile"):
         from ernie_cli.weights.fuse import fuse_for_decode
 
         fuse_for_decode(model)
@@ -174,21 +181,55 @@ def load_model(
     check_fits(parameter_bytes(params, dtype) + reserve_bytes, device, f"{model_dir.name} in {str(dtype).removeprefix('torch.')}")
 
     model = _empty_model(cfg)
-    total, done = sum(ckpt.tensors[p.source].nbytes for param in params for p in param.pieces), 0
+    total = sum(ckpt.tensors[p.source].nbytes for param in params for p in param.pieces)
     with torch.no_grad():
-        for param in params:
-            target = torch.empty(param.shape, dtype=torch.float32 if param.keep_fp32 else dtype, device=device)
-            for piece in param.pieces:
-                src = ckpt.get(piece.source).reshape(target[piece.index].shape)
-                target[piece.index].copy_(src)
-                done += ckpt.tensors[piece.source].nbytes
-                del src
-                if progress:
-                    progress(done, total)
-            set_param(model, param.name, target)
+        if device.type == "cuda":
+            _fill_on_gpu(model, params, ckpt, device, dtype, progress, total)
+        else:
+            _fill(model, params, ckpt, device, dtype, progress, total)
     ckpt.close()
     model.eval()
     return model
+
+
+def _allocate(param: Param, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty(param.shape, dtype=torch.float32 if param.keep_fp32 else dtype, device=device)
+
+
+def _fill(model, params, ckpt, device, dtype, progress, total) -> None:
+    done = 0
+    for param in params:
+        target = _allocate(param, dtype, device)
+        for piece in param.pieces:
+            src = ckpt.get(piece.source).reshape(target[piece.index].shape)
+            target[piece.index].copy_(src)
+            done += ckpt.tensors[piece.source].nbytes
+            del src
+            if progress:
+                progress(done, total)
+        set_param(model, param.name, target)
+
+
+def _fill_on_gpu(model, params, ckpt, device, dtype, progress, total) -> None:
+    """Every piece queued at once on the staging workers (weights/staging.py); the parameters are
+    allocated up front, which is the memory they take anyway."""
+    from ernie_cli.weights.staging import StagedCopier
+
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    with StagedCopier(ckpt.reader, device) as copier:
+        for param in params:
+            target = _allocate(param, dtype, device)
+            for piece in param.pieces:
+                copier.copy(piece.source, target[piece.index])
+            set_param(model, param.name, target)
+        copier.wait(advance)
 
 
 def _load_quantized(model_dir, cfg, device, dtype, progress, reserve_bytes, quantize, group_size, keep_embeddings):
