@@ -182,9 +182,9 @@ def main() -> None:
         log("cold", r)
         table.append(("bf16 -n 64, first run (empty caches)", f"{r['wall_s']:.2f}", minus_f(r["wall_s"]) + f" ({stage_line(r)})"))
 
-    def warm_row(name, label, model, n=64, stdin=None):
+    def warm_row(name, label, model, n=64, stdin=None, runs=None):
         complete(model, env, n, stdin)  # caches warm for this model and shape
-        rs = [complete(model, env, n, stdin) for _ in range(args.runs)]
+        rs = [complete(model, env, n, stdin) for _ in range(runs or args.runs)]
         for r in rs:
             log(name, r)
         w = statistics.median(r["wall_s"] for r in rs)
@@ -211,9 +211,9 @@ def main() -> None:
         words = ("the quick brown fox jumps over the lazy dog near a quiet river bank " * 200).encode()
         warm_row("long", "bf16, ~1,000-token prompt on stdin, -n 64", bf16, stdin=words[: 4 * 1000])
     if "full" in rows_wanted:
-        warm_row("full", "full 21B-A3B int4 directory, -n 64", full_int4)
+        warm_row("full", "full 21B-A3B int4 directory, -n 64", full_int4, runs=1)
     if "load" in rows_wanted:
-        rs = warm_row("load", "full 21B-A3B bf16 (hollow) -n 64", hollow)
+        rs = warm_row("load", "full 21B-A3B bf16 (hollow) -n 64", hollow, runs=1)
         gb = sum(f.stat().st_size for f in hollow.glob("*.safetensors")) / 1e9
         secs = statistics.median(r["json"]["timings"]["stages"]["weights"] for r in rs if "json" in r)
         table.append(("  weights: page cache to GPU", f"{secs:.2f} s for {gb:.1f} GB", f"{gb / secs:.1f} GB/s"))
@@ -229,7 +229,7 @@ def main() -> None:
         table.append(("transformers from_pretrained + generate, -n 64", f"{r['wall_s']:.2f}", minus_f(r["wall_s"])))
 
     card = torch.cuda.get_device_name()
-    print(f"\n{card}, torch {torch.__version__}, {args.layers}-layer checkpoints, medians of {args.runs}")
+    print(f"\n{card}, torch {torch.__version__}, {args.layers}-layer checkpoints, medians of {args.runs} (full-model rows: one run after a first)")
     print("| run | wall s | wall - F s (stages) |\n|---|---:|---|")
     for label, wall, above in table:
         print(f"| {label} | {wall} | {above} |")

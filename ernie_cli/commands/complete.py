@@ -100,7 +100,8 @@ def complete(
             warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect with --server: the server's own options apply.")
         explicit = None if model == DEFAULT_MODEL else model
         client.complete(server, src, model=explicit, max_tokens=max_tokens, sampling={k: v for k, v in chosen.items() if v is not None},
-                        seed=seed, stops=stops, ignore_eos=ignore_eos, echo=echo, as_json=as_json, logprobs=logprobs, quiet=quiet)
+                        seed=seed, stops=stops, ignore_eos=ignore_eos, echo=echo, as_json=as_json, logprobs=logprobs, quiet=quiet,
+                        stages=stages, verbose=verbose)
         return
 
     from ernie_cli.weights.hub import resolve_model

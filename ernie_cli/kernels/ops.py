@@ -372,6 +372,10 @@ def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate
         gu = (F.silu(gate) * up).contiguous()
     y = down(gu, experts)
     y, w = y.float(), weights[0].float()
+    if y.is_cuda and not _compiling():
+        # Eagerly (and in the captured decode graph) one product: the additions below are 2k - 1
+        # kernels of a few microseconds each, which Inductor fuses but an eager step pays.
+        return (w @ y)[None].to(x.dtype)
     # k - 1 additions, not a sum over slots: Inductor turns a reduction into pointwise code only
     # below 8 items, and with the shared experts in the stack a token takes 8; as additions the sum
     # joins the kernel of the residual add and the next norm instead of being a kernel of its own.

@@ -29,11 +29,13 @@ class KVCache(nn.Module):
         cos, sin = rope(capacity)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        if torch.device(device).type == "cuda":
-            # Fixed addresses for CUDA graphs: without this, a compiled step would copy every cache
-            # tensor into the graph's own input buffers before each replay.
-            for t in self.buffers():
-                torch._dynamo.mark_static_address(t)
+
+    def mark_static(self) -> None:
+        """Fixed addresses for Inductor's CUDA graphs: without this, a compiled step would copy every
+        cache tensor into the graph's own input buffers before each replay. (Only for compiled
+        steps: importing Dynamo costs seconds.)"""
+        for t in self.buffers():
+            torch._dynamo.mark_static_address(t)
 
     @property
     def capacity(self) -> int:

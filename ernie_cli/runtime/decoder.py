@@ -198,6 +198,8 @@ class Decoder:
         if self.cache is None or not self.cache.holds(batch, positions, self.model.dtype):
             self.cache = None  # freed before the new one is made: never two caches at once
             self.cache = self.model.new_cache(batch, positions)
+            if self.mode == "compile" and self.model.device.type == "cuda":
+                self.cache.mark_static()
         return self.cache
 
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

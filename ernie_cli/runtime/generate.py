@@ -47,6 +47,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _HostToken:
+    """A token id on its way to the host. On CUDA the copy goes to pinned memory behind an event, so
+    reading it waits only for the work queued before it, not for the next step queued after."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buffer = torch.empty(1, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+
+    def send(self, token: torch.Tensor) -> None:
+        self.buffer.copy_(token.view(1), non_blocking=self.cuda)
+        if self.event is not None:
+            self.event.record()
+
+    def receive(self) -> int:
+        if self.event is not None:
+            self.event.synchronize()
+        return int(self.buffer[0])
+
+
 @torch.inference_mode()
 def generate(
     model: ErnieForCausalLM,
@@ -61,6 +81,10 @@ def generate(
     """Yield generated tokens one by one; stops after a stop id (which is yielded) or max_new_tokens.
 
     The caller may stop iterating at any point (a stop string matched, the pipe closed).
+
+    Each step is queued before the host waits for the token it follows from: the token goes from
+    sampling into the next step on the device, so the GPU computes token i + 1 while the host reads,
+    prints and checks token i. A stop found on the host leaves one step computed for nothing.
     """
     device = model.device
     decoder = decoder or Decoder(model)
@@ -69,28 +93,35 @@ def generate(
     decoder.reserve(len(prompt) + max_new_tokens)
     ids = torch.tensor([prompt], dtype=torch.long, device=device)
     sampler.observe_prompt(ids[0])
+    host = _HostToken(device)
 
     start = time.perf_counter()
     logits = decoder.prefill(ids)[0].float()
     pos = len(prompt)
     for i in range(max_new_tokens):
         # NaN or Inf logits (damaged weights, a dtype's range overflowed) would still yield a token
-        # (<unk>, over and over); -1 marks them instead, read with the token in the sync it already costs.
+        # (<unk>, over and over); -1 marks them instead, read with the token in the copy it already costs.
         token = torch.where(torch.isfinite(logits).all(), sampler(logits), -1)
-        step = Step(int(token))  # the one host sync per token: the caller needs the id to print it
+        host.send(token)
+        token = token.clamp(min=0)  # what the device goes on with, until the host sees the -1 and stops
+        sampler.observe(token)
+        step = Step(-1)
+        if logprobs is not None:  # read back now, before the next step is queued behind them
+            lp = torch.log_softmax(logits, dim=-1)
+            step.logprob = float(lp[token])
+            if logprobs > 0:
+                values, idx = torch.topk(lp, logprobs)
+                step.top = list(zip(idx.tolist(), values.tolist()))
+        if i < max_new_tokens - 1:
+            logits = decoder(token.view(1, 1), pos)[0].float()
+            pos += 1
+        step.token = host.receive()
         if step.token < 0:
             where = "for the prompt" if i == 0 else f"at generated token {i + 1}"
             raise ErnieError(
                 f"the model's logits are not finite (NaN or Inf) {where}: its weights are damaged or overflow "
                 "this dtype; download the model again, or try --dtype float32."
             )
-        sampler.observe(token)
-        if logprobs is not None:
-            lp = torch.log_softmax(logits, dim=-1)
-            step.logprob = float(lp[step.token])
-            if logprobs > 0:
-                values, idx = torch.topk(lp, logprobs)
-                step.top = list(zip(idx.tolist(), values.tolist()))
         now = time.perf_counter()
         if i == 0:
             timings.prefill_s = now - start
@@ -99,9 +130,7 @@ def generate(
         else:
             timings.decode_s += now - start
             timings.decoded_tokens += 1
+        start = now  # the host's time with the token overlaps the next step, so it counts
         yield step
-        if step.token in stop_ids or i == max_new_tokens - 1:
+        if step.token in stop_ids:
             return
-        start = time.perf_counter()
-        logits = decoder(token.view(1, 1), pos)[0].float()
-        pos += 1

@@ -147,8 +147,9 @@ def request(url: str, body: dict, api_key: str | None, on_text) -> Answer:
 
 
 def complete(url: str, src, *, model: str | None, max_tokens: int, sampling: dict, seed: int | None, stops: list[str],
-             ignore_eos: bool, echo: bool, as_json: bool, logprobs: int | None, quiet: bool) -> None:
-    """Run one completion on the server, printing exactly what `ernie complete` prints locally."""
+             ignore_eos: bool, echo: bool, as_json: bool, logprobs: int | None, quiet: bool, stages=None, verbose: bool = False) -> None:
+    """Run one completion on the server, printing exactly what `ernie complete` prints locally.
+    stages: a runtime.stages.Stages to account the request in."""
     from ernie_cli.text import prompt as prompt_module
 
     def too_long() -> ErnieError:
@@ -175,6 +176,10 @@ def complete(url: str, src, *, model: str | None, max_tokens: int, sampling: dic
     prefill_s = answer.first_token_s
     decode_s = max(answer.total_s - prefill_s, 0.0)
     prefill_tps = n_prompt / prefill_s if prefill_s else 0.0
+    if stages is not None:
+        stages.add("prefill", prefill_s)
+        stages.add("decode", decode_s)
+        stages.mark("other")
     decode_tps = (n_out - 1) / decode_s if decode_s and n_out > 1 else 0.0
     if as_json:
         record = {
@@ -186,14 +191,18 @@ def complete(url: str, src, *, model: str | None, max_tokens: int, sampling: dic
             "finish_reason": finish,
             "logprobs": answer.logprobs if logprobs is not None else None,
             "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out},
-            "timings": {"load_s": 0.0, "prefill_s": prefill_s, "decode_s": decode_s,
-                        "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps},
+            # The server's first decode step is not told apart: everything after the first token is decode.
+            "timings": {"load_s": 0.0, "prefill_s": prefill_s, "first_step_s": 0.0, "decode_s": decode_s,
+                        "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps,
+                        "stages": stages.seconds if stages is not None else {}},
         }
         write_stdout(json.dumps(record, ensure_ascii=False) + "\n")
     elif completion and not completion.endswith("\n") and _stdout_is_tty():
         write_stdout("\n")
     info(f"{n_prompt} prompt tokens, {n_out} generated; first token after {prefill_s * 1000:.0f} ms, "
          f"decode {decode_tps:.1f} tok/s; server {url}; finish: {finish}", quiet)
+    if verbose and stages is not None:
+        info(stages.table())
 
 
 def _stdout_is_tty() -> bool:

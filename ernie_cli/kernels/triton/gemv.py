@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from ernie_cli.kernels.triton import tuned
+
 try:  # Triton comes with CUDA builds of torch; CPU-only installs never call this module
     import triton
     import triton.language as tl
@@ -287,6 +289,8 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     s_stride = scales.stride(0) if (stacked and scales is not None) else 0
     dummy = weight  # unused pointer arguments still need a tensor
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p)  # noqa: E731
+    if block is None:
+        tuned.seed("_gemv_dp4a" if uses_dp4a(fmt, k) else "_gemv", x.device.index or 0)
     if uses_dp4a(fmt, k):
         cols = 8 if fmt == "int4" else 4
         words = weight.view(torch.int32)

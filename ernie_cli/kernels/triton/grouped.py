@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ernie_cli.kernels.triton import gemv as gpu_gemv
+from ernie_cli.kernels.triton import tuned
 from ernie_cli.kernels.triton.gemv import tl, triton
 
 
@@ -101,7 +102,9 @@ def grouped(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, swiglu: b
     n = rows // 2 if swiglu else rows
     out = torch.empty((s, n), dtype=x.dtype, device=x.device)
     kernel, fixed = _grouped, {}
-    if block is not None:
+    if block is None:
+        tuned.seed("_grouped", x.device.index or 0)
+    else:
         kernel = _grouped.fn
         fixed = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), block))
     # Blocks: at most one partial block per expert beyond the whole ones.
