@@ -16,8 +16,6 @@ from ernie_cli.kernels import ops
 from ernie_cli.model.cache import KVCache
 from ernie_cli.model.ernie import ErnieForCausalLM, MoE
 
-MODES = ("auto", "graph", "on", "off")
-
 
 def step_mode(option: str, device: torch.device) -> str:
     """--compile auto|graph|on|off -> "graph", "compile" or "eager".

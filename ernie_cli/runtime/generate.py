@@ -82,9 +82,10 @@ def generate(
 
     The caller may stop iterating at any point (a stop string matched, the pipe closed).
 
-    Each step is queued before the host waits for the token it follows from: the token goes from
-    sampling into the next step on the device, so the GPU computes token i + 1 while the host reads,
-    prints and checks token i. A stop found on the host leaves one step computed for nothing.
+    From the second token on, each step is queued before the host waits for the token it follows
+    from: the token goes from sampling into the next step on the device, so the GPU computes token
+    i + 1 while the host reads, prints and checks token i. A stop found on the host leaves one step
+    computed for nothing.
     """
     device = model.device
     decoder = decoder or Decoder(model)
@@ -112,7 +113,8 @@ def generate(
             if logprobs > 0:
                 values, idx = torch.topk(lp, logprobs)
                 step.top = list(zip(idx.tolist(), values.tolist()))
-        if i < max_new_tokens - 1:
+        more = i < max_new_tokens - 1
+        if i > 0 and more:
             logits = decoder(token.view(1, 1), pos)[0].float()
             pos += 1
         step.token = host.receive()
@@ -131,6 +133,11 @@ def generate(
             timings.decode_s += now - start
             timings.decoded_tokens += 1
         start = now  # the host's time with the token overlaps the next step, so it counts
+        if i == 0 and more:
+            # The first token is read before the first step is queued, so it prints at once; that
+            # step (which on CUDA captures the graph the others replay) counts as first_step_s.
+            logits = decoder(token.view(1, 1), pos)[0].float()
+            pos += 1
         yield step
         if step.token in stop_ids:
             return
