@@ -51,7 +51,7 @@ def bench(
     dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize float weights while loading: int8 or int4.", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads. [default: torch's, usually the physical cores]", show_default=False)] = None,
-    compile: Annotated[str, typer.Option("--compile", help="auto (graph on CUDA), graph, on or off: the decode step as one CUDA graph, captured (graph) or compiled by Inductor (on).")] = "auto",
+    compile: Annotated[str, typer.Option("--compile", help="auto (on for CUDA), graph, on or off: the decode step as one CUDA graph, compiled by Inductor (on) or captured from the eager step (graph).")] = "auto",
     output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv.")] = "md",
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
 ) -> None:
@@ -97,7 +97,7 @@ def bench(
     model_obj, name, size, quant = _load(model, model_dir, config, cfg, dev, dtype, quantize)
     runtime.check_memory(cfg, tests, model_obj.dtype, dev)  # and beside the weights, before any test runs
     context = runtime.run_context(model_obj, name, size, quant)
-    mode = step_mode(compile, dev)
+    mode = step_mode(compile, dev, steady=True)
     decoder = Decoder(prepare_for_decoding(model_obj, mode), mode)
     context["step"] = decoder.mode
     show = stderr_is_tty()

@@ -17,16 +17,20 @@ from ernie_cli.model.cache import KVCache
 from ernie_cli.model.ernie import ErnieForCausalLM, MoE
 
 
-def step_mode(option: str, device: torch.device) -> str:
+def step_mode(option: str, device: torch.device, steady: bool = False) -> str:
     """--compile auto|graph|on|off -> "graph", "compile" or "eager".
 
-    auto is "graph" on CUDA: the eager step's kernels (Triton, cuBLAS and a few torch ops, static
-    shapes, no host sync) captured as one CUDA graph in well under a second, where Dynamo and
-    Inductor spend seconds before the first token even with their caches warm, for a step no
-    faster (docs/performance.md). On the CPU there are no graphs, and compiling is not won back."""
+    On CUDA, auto is "graph" for a run judged from start to end (`ernie complete`): the eager step's
+    kernels (Triton, cuBLAS and a few torch ops, static shapes, no host sync) captured as one CUDA
+    graph in about 0.1 s, where Dynamo and Inductor spend seconds before the second token even with
+    their caches warm. For a steady rate (`ernie bench`, steady=True) auto is "compile": Inductor's
+    fused step is faster per token once it exists (docs/performance.md). On the CPU there are no
+    graphs, and compiling is not won back."""
     if device.type != "cuda":
         return "compile" if option == "on" else "eager"
-    return {"auto": "graph", "graph": "graph", "on": "compile", "off": "eager"}[option]
+    if option == "auto":
+        return "compile" if steady else "graph"
+    return {"graph": "graph", "on": "compile", "off": "eager"}[option]
 
 
 def _compile_settings() -> None:
