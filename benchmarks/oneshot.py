@@ -163,7 +163,12 @@ def main() -> None:
     env = dict(os.environ, XDG_CACHE_HOME=str(caches), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     for var in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         env.pop(var, None)  # ernie puts both under XDG_CACHE_HOME/ernie
-    table: list[tuple[str, str, str]] = []
+    class Table(list):
+        def append(self, row):  # each row is printed as soon as it is known, and all again at the end
+            print("ROW | " + " | ".join(row) + " |", flush=True)
+            super().append(row)
+
+    table = Table()
 
     def log(name, r):
         print(json.dumps({"row": name, **{k: v for k, v in r.items() if k != "json"}, "stages": stage_line(r)}), flush=True)
