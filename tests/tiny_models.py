@@ -46,6 +46,9 @@ SHAPES = {
     "moe_fused_names": dict(kind="moe", fused_names=True),
     # every matrix's input a multiple of 64: the shape the native int kernels take everywhere
     "moe_wide": dict(kind="moe", hidden_size=128, intermediate_size=256, head_dim=32, moe_intermediate_size=64),
+    # GQA groups of 4 and an odd expert count: splits over 3 and 4 ranks that do not divide
+    "moe_gqa8": dict(kind="moe", num_attention_heads=8, num_key_value_heads=2, moe_num_experts=7),
+    "dense_bias": dict(kind="dense", use_bias=True),  # biases on q, k, v, o and the MLP
 }
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ernie_cli.commands.checks import check_compile, check_model_options
+from ernie_cli.commands.checks import check_compile, check_model_options, check_tp
 from ernie_cli.console import info, stderr_is_tty, write_stdout
 from ernie_cli.errors import UsageError
 
@@ -52,6 +52,7 @@ def bench(
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize float weights while loading: int8 or int4.", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads. [default: torch's, usually the physical cores]", show_default=False)] = None,
     compile: Annotated[str, typer.Option("--compile", help="auto (on for CUDA), graph, on or off: the decode step as one CUDA graph, compiled by Inductor (on) or captured from the eager step (graph).")] = "auto",
+    tp: Annotated[int, typer.Option("--tp", help="Split the model over N processes (tensor and expert parallel): one GPU each on CUDA, a share of the cores each on the CPU.")] = 1,
     output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv.")] = "md",
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
 ) -> None:
@@ -73,6 +74,9 @@ def bench(
         raise UsageError(f"-t takes 1 to {most_threads} threads (4x this machine's {os.cpu_count() or 1} CPUs), got {threads}.")
     check_model_options(dtype, quantize)
     check_compile(compile)
+    check_tp(tp, quantize, compile, device)
+    if tp > 1 and threads is not None:
+        raise UsageError("-t sets the threads of one process, and with --tp each rank takes its share of the cores: drop -t.")
     prompts, generates, pairs, depths = _int_list(prompt, "-p"), _int_list(generate, "-n"), _pairs(pg or []), _int_list(depth, "-d") or [0]
 
     import torch
@@ -94,11 +98,19 @@ def bench(
     runtime.check_memory(cfg, tests, resolve_dtype(dtype, cfg, dev), dev)
     if threads:
         torch.set_num_threads(threads)
-    model_obj, name, size, quant = _load(model, model_dir, config, cfg, dev, dtype, quantize)
+    if tp > 1:  # rank 0's part is the model measured here: its bytes, its bandwidth
+        from ernie_cli.parallel.launch import Weights, load_split
+
+        decoder = load_split(Weights(cfg, resolve_dtype(dtype, cfg, dev), model_dir), tp, dev)
+        model_obj, (name, size), quant = decoder.model, _describe(model, model_dir, config, cfg), None
+        name = f"{name}, split over {tp} ranks"
+    else:
+        model_obj, name, size, quant = _load(model, model_dir, config, cfg, dev, dtype, quantize)
     runtime.check_memory(cfg, tests, model_obj.dtype, dev)  # and beside the weights, before any test runs
     context = runtime.run_context(model_obj, name, size, quant)
-    mode = step_mode(compile, dev, steady=True)
-    decoder = Decoder(prepare_for_decoding(model_obj, mode), mode)
+    if tp == 1:
+        mode = step_mode(compile, dev, steady=True)
+        decoder = Decoder(prepare_for_decoding(model_obj, mode), mode)
     context["step"] = decoder.mode
     show = stderr_is_tty()
     rows = []
@@ -131,9 +143,14 @@ def _config(model, config, layers, offline):
     return cfg, None
 
 
-def _load(model, model_dir, config, cfg, device, dtype, quantize):
-    import torch
+def _describe(model, model_dir, config, cfg) -> tuple[str, int | None]:
+    """(the name the table shows, the checkpoint's bytes on disk or None for random weights)."""
+    if model_dir is None:
+        return f"{Path(config).name} (random weights, {cfg.num_hidden_layers} layers)", None
+    return model, sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
 
+
+def _load(model, model_dir, config, cfg, device, dtype, quantize):
     from ernie_cli.weights.loader import (
         check_fits,
         load_model,
@@ -141,11 +158,10 @@ def _load(model, model_dir, config, cfg, device, dtype, quantize):
         resolve_dtype,
     )
 
+    name, size = _describe(model, model_dir, config, cfg)
     if model_dir is None:
         torch_dtype = resolve_dtype(dtype, cfg, device)
-        size = torch.empty((), dtype=torch_dtype).element_size()
-        check_fits(cfg.parameter_counts()["total"] * size, device, f"{Path(config).name} with random weights")
-        name = f"{Path(config).name} (random weights, {cfg.num_hidden_layers} layers)"
+        check_fits(cfg.parameter_counts()["total"] * torch_dtype.itemsize, device, f"{Path(config).name} with random weights")
         if quantize:
             from ernie_cli.quant.load import quantize_in_place
             from ernie_cli.quant.spec import QuantSpec
@@ -155,9 +171,8 @@ def _load(model, model_dir, config, cfg, device, dtype, quantize):
 
     kwargs = {"quantize": quantize} if quantize else {}
     loaded = load_model(model_dir, device, dtype, **kwargs)
-    size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
     quant = quantize or (cfg.quantization or {}).get("format")
-    return loaded, model, size, quant
+    return loaded, name, size, quant
 
 
 # ---- output formats ------------------------------------------------------------------------------------

@@ -24,3 +24,18 @@ def check_model_options(dtype: str, quantize: str | None, device: str | None = N
 def check_compile(compile: str) -> None:
     if compile not in ("auto", "graph", "on", "off"):
         raise UsageError(f"--compile {compile!r} is not one of auto, graph, on, off.")
+
+
+def check_tp(tp: int, quantize: str | None, compile: str, device: str | None = None) -> None:
+    """--tp N: the model split over N processes, from a float checkpoint, with eager steps, on
+    GPUs 0 to N-1 (docs/multi-gpu.md)."""
+    if tp < 1:
+        raise UsageError("--tp must be at least 1.")
+    if tp == 1:
+        return
+    if quantize:
+        raise UsageError("--tp loads a float checkpoint and cannot quantize while loading: drop --quantize or --tp.")
+    if compile in ("on", "graph"):
+        raise UsageError("--tp runs its steps eagerly: leave --compile at auto or set it off.")
+    if device is not None and device.startswith("cuda:"):
+        raise UsageError(f"--device {device} picks one GPU, but --tp {tp} takes GPUs 0 to {tp - 1}: use --device cuda.")

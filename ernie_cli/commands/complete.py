@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ernie_cli.commands.checks import check_compile, check_model_options
+from ernie_cli.commands.checks import check_compile, check_model_options, check_tp
 from ernie_cli.console import byte_progress, info, warn, write_stdout
 from ernie_cli.errors import UsageError, deferred_interrupts
 from ernie_cli.weights.hub import DEFAULT_MODEL
@@ -56,6 +56,7 @@ def complete(
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize a float checkpoint while loading: int8 or int4.", show_default=False)] = None,
     max_context: Annotated[Optional[int], typer.Option("--max-context", help="Most positions (prompt + output). [default: the model's]", show_default=False)] = None,
     compile: Annotated[str, typer.Option("--compile", help="auto (graph on CUDA), graph, on or off: the decode step as one CUDA graph, captured (graph) or compiled by Inductor (on).")] = "auto",
+    tp: Annotated[int, typer.Option("--tp", help="Split the model over N processes (tensor and expert parallel): one GPU each on CUDA, a share of the cores each on the CPU.")] = 1,
     no_stdin: Annotated[bool, typer.Option("--no-stdin", envvar="ERNIE_NO_STDIN", show_envvar=False, help="Never read stdin, even when it is piped: for scripts and `while read` loops (also ERNIE_NO_STDIN=1).")] = False,
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network (as HF_HUB_OFFLINE=1).")] = False,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No summary line on stderr.")] = False,
@@ -76,6 +77,7 @@ def complete(
         raise UsageError("--logprobs must be between 0 and 20.")
     check_model_options(dtype, quantize, device, max_context)
     check_compile(compile)
+    check_tp(tp, quantize, compile, device)
     chosen = dict(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -93,7 +95,7 @@ def complete(
     if server:
         from ernie_cli.serve import client
 
-        local = dict(device=device != "auto", dtype=dtype != "auto", quantize=quantize is not None, compile=compile != "auto",
+        local = dict(device=device != "auto", dtype=dtype != "auto", quantize=quantize is not None, compile=compile != "auto", tp=tp != 1,
                      offline=offline, max_context=max_context is not None)
         unused = [f"--{k.replace('_', '-')}" for k, v in local.items() if v]
         if unused:
@@ -120,7 +122,7 @@ def complete(
 
     progress, stop_progress = byte_progress("loading weights", quiet)
     try:
-        runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, progress, compile, gathered.tokenizer, stages)
+        runtime = completion.load_runtime(model_dir, device, dtype, max_context, quantize, progress, compile, gathered.tokenizer, stages, tp)
     finally:
         stop_progress()
     text = gathered.text

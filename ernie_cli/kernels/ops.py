@@ -1,9 +1,10 @@
 """The one door between the model and its kernels.
 
 The model (ernie_cli/model/ernie.py) states the arithmetic; every operation it needs that has more
-than one implementation is called here: rms_norm, rope, linear, embed, attention, route, experts.
-Each picks torch, a Triton kernel (kernels/triton/) or the native CPU code (kernels/cpu/) from what
-it is given: the device, the dtype, the number of tokens, whether torch.compile is tracing, and the
+than one implementation is called here: rms_norm, rope, linear, embed, attention, route, experts,
+and all_reduce (the sum of a layer's partial outputs over the ranks of a model split over several
+processes). Each picks torch, a Triton kernel (kernels/triton/) or the native CPU code
+(kernels/cpu/) from what it is given: the device, the dtype, the number of tokens, whether torch.compile is tracing, and the
 weight's type (a float tensor or a quant.weight.QuantWeight in one of three layouts). Under
 torch.compile those are constants of the trace, so a compiled step holds only the chosen branch.
 
@@ -31,6 +32,7 @@ from ernie_cli.kernels.triton import grouped as triton_grouped
 from ernie_cli.kernels.triton import router as triton_router
 from ernie_cli.kernels.triton.gemv import triton
 from ernie_cli.model.cache import Ragged
+from ernie_cli.parallel import group as parallel
 
 TRITON = triton is not None and os.environ.get("ERNIE_TRITON", "1") != "0"
 GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -213,6 +215,17 @@ def ragged_attention(q, k, v, cache_k, cache_v, cos, sin, batch: Ragged, scale: 
     return torch.cat(outs)[None]
 
 
+# ---- the sum over the ranks of a split model ---------------------------------------------------------
+
+
+def all_reduce(x: torch.Tensor, group: parallel.Group) -> torch.Tensor:
+    """This rank's partial output of a block summed with the other ranks' (in place); in one process
+    x itself, untouched, so that a model that is not split computes exactly what it always did."""
+    if group.world == 1:
+        return x
+    return parallel.all_reduce(x.contiguous())
+
+
 # ---- §2.5 the router -----------------------------------------------------------------------------------
 
 
@@ -256,8 +269,13 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
 #   like transformers' eager loop (float32 on the CPU matches it bit for bit).
 
 
-def experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down) -> torch.Tensor:
-    """x [T, H], the router's weights and expert ids [T, k] -> the weighted sum of the experts' outputs."""
+def experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down, owned: range | None = None) -> torch.Tensor:
+    """x [T, H], the router's weights and expert ids [T, k] -> the weighted sum of the experts' outputs.
+
+    owned: the expert ids the stacks hold, where they hold only some (one rank of a split model);
+    the sum is then over the slots routed to those experts alone."""
+    if owned is not None:
+        return owned_experts(x, weights, idx, gate_up, down, owned)
     quant = isinstance(gate_up, QuantWeight)
     if x.shape[0] == 1:
         backends = {gate_up.backend, down.backend} if quant else {"float"}
@@ -290,6 +308,16 @@ def experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, 
 
 def grouped(x, weights, idx, gate_up, down) -> torch.Tensor:
     return run_grouped(lambda h, e: _expert(h, e, gate_up, down), gate_up.shape[0], x, weights, idx)
+
+
+def owned_experts(x, weights, idx, gate_up, down, owned: range) -> torch.Tensor:
+    """Expert parallel: each held expert once over the tokens routed to it, as `grouped` does; a
+    slot routed to another rank's expert gets the id one past the stack, which run_grouped skips.
+    One GEMM per expert and one host sync on every device: the graph-safe one-token kernels
+    (`selected`, `gathered`) take every slot's expert from the stack and are not used here."""
+    mine = (idx >= owned.start) & (idx < owned.stop)
+    local = torch.where(mine, idx - owned.start, len(owned))
+    return run_grouped(lambda h, e: _expert(h, e, gate_up, down), len(owned), x, weights, local)
 
 
 def grouped_mm(x, weights, idx, gate_up, down) -> torch.Tensor:
@@ -353,7 +381,7 @@ def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor
     tokens, slots = order // k, order % k
     out = torch.zeros_like(x)
     begin = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(counts[:num_experts]):  # ids past the stack (other ranks' slots) sort last and are skipped
         if n == 0:
             continue
         tok, slot = tokens[begin : begin + n], slots[begin : begin + n]

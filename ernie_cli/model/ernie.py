@@ -19,6 +19,7 @@ from torch import nn
 from ernie_cli.kernels import ops
 from ernie_cli.model.cache import KVCache, LayerCache, PagedKVCache, Ragged
 from ernie_cli.model.config import ErnieConfig
+from ernie_cli.parallel.shard import Shard, plan_shard
 
 
 def _weight(*shape: int, dtype=None) -> nn.Parameter:
@@ -90,14 +91,18 @@ def rope_table(head_dim: int, theta: float, max_positions: int, device=None) -> 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ErnieConfig):
+    """The query heads this rank holds and the key/value heads they read (all of them in one process);
+    o_proj then gives this rank's partial sum of the output."""
+
+    def __init__(self, cfg: ErnieConfig, shard: Shard | None = None):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        shard = shard or plan_shard(cfg)
+        self.n_heads, self.n_kv, self.head_dim = len(shard.heads), len(shard.kv_heads), cfg.head_dim
         h, bias = cfg.hidden_size, cfg.use_bias
         self.q_proj = Linear(h, self.n_heads * self.head_dim, bias)
         self.k_proj = Linear(h, self.n_kv * self.head_dim, bias)
         self.v_proj = Linear(h, self.n_kv * self.head_dim, bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias and shard.leads)  # a bias is added once, not per rank
         self.qkv_proj: Linear | None = None  # q, k and v as one matrix, where the loader fused them
         self.scale = self.head_dim**-0.5
 
@@ -118,16 +123,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """down(silu(gate(x)) * up(x)), with gate and up fused into one [2I, H] matrix (gate rows first)."""
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one [2I, H] matrix (gate rows first).
+    Split over ranks, each holds some of the I columns and down gives its partial sum."""
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, down_bias: bool | None = None):
         super().__init__()
         self.gate_up_proj = Linear(hidden, 2 * intermediate, bias)
-        self.down_proj = Linear(intermediate, hidden, bias)
+        self.down_proj = Linear(intermediate, hidden, bias if down_bias is None else down_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(torch.nn.functional.silu(gate) * up)
+
+
+def _mlp(cfg: ErnieConfig, shard: Shard, intermediate: int) -> MLP:
+    """This rank's columns of an MLP of width `intermediate` (a bias on down is added once, not per rank)."""
+    return MLP(cfg.hidden_size, len(shard.columns(intermediate)), cfg.use_bias, cfg.use_bias and shard.leads)
 
 
 # ---- §2.5 MoE block ---------------------------------------------------------------------------------
@@ -148,25 +159,27 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """The routed experts of one layer, stacked: gate_up [E, 2I, H] (gate rows first), down [E, H, I]."""
+    """The routed experts of one layer, stacked: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
+    Split over ranks (expert parallel), the stack holds only this rank's experts, `owned`."""
 
-    def __init__(self, cfg: ErnieConfig):
+    def __init__(self, cfg: ErnieConfig, owned: range):
         super().__init__()
-        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        e, h, i = len(owned), cfg.hidden_size, cfg.moe_intermediate_size
+        self.owned = owned if e < cfg.num_experts else None  # None: every expert, ids as the router gives them
         self.gate_up_proj = _weight(e, 2 * i, h)
         self.down_proj = _weight(e, h, i)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return ops.experts(x, weights, idx, self.gate_up_proj, self.down_proj)
+        return ops.experts(x, weights, idx, self.gate_up_proj, self.down_proj, self.owned)
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ErnieConfig):
+    def __init__(self, cfg: ErnieConfig, shard: Shard):
         super().__init__()
-        self.gate = Router(cfg)
-        self.experts = Experts(cfg)
+        self.gate = Router(cfg)  # on every rank: each routes every token, to the same experts
+        self.experts = Experts(cfg, shard.experts)
         shared = cfg.moe_intermediate_size * cfg.num_shared_experts
-        self.shared_experts = MLP(cfg.hidden_size, shared, cfg.use_bias) if shared else None
+        self.shared_experts = _mlp(cfg, shard, shared) if shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
@@ -182,24 +195,29 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ErnieConfig, index: int):
+    def __init__(self, cfg: ErnieConfig, index: int, shard: Shard):
         super().__init__()
+        self.group = shard.group
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, shard)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias)
+        self.mlp = MoE(cfg, shard) if cfg.is_moe_layer(index) else _mlp(cfg, shard, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start, cache: LayerCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # Split over ranks, attention and the MLP each give this rank's partial sum, and all_reduce
+        # adds the ranks' sums (in one process it returns its input: the whole sum is already there).
+        x = x + ops.all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, start, cache), self.group)
+        return x + ops.all_reduce(self.mlp(self.post_attention_layernorm(x)), self.group)
 
 
 class ErnieForCausalLM(nn.Module):
-    def __init__(self, cfg: ErnieConfig):
+    def __init__(self, cfg: ErnieConfig, shard: Shard | None = None):
+        """shard: this process's part of a model split over several (parallel/shard.py); None: all of it."""
         super().__init__()
         self.config = cfg
+        self.shard = shard or plan_shard(cfg)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.shard) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Untied checkpoints get their own head; ERNIE 4.5 releases tie it to the embedding.
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size)
@@ -216,7 +234,7 @@ class ErnieForCausalLM(nn.Module):
 
     def new_cache(self, batch: int, positions: int, dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.config
-        return KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, positions, cfg.head_dim,
+        return KVCache(cfg.num_hidden_layers, batch, len(self.shard.kv_heads), positions, cfg.head_dim,
                        dtype or self.dtype, self.device, lambda n: rope_table(cfg.head_dim, cfg.rope_theta, n, self.device))
 
     def head_weight(self):

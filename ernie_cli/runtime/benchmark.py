@@ -265,14 +265,13 @@ def _peak(device: torch.device) -> int:
 @torch.inference_mode()
 def _run_once(decoder: Decoder, spec: BenchCase, ids: torch.Tensor, clock: _Clock) -> tuple[float, float]:
     """One repetition: returns (timed seconds, seconds to the first new token)."""
-    model = decoder.model
-    cache = decoder.reserve(spec.positions + 1)
+    decoder.reserve(spec.positions + 1)
     pos = 0
     if spec.depth:
-        model(ids[:, : spec.depth], 0, cache, last=spec.depth - 1)
+        decoder.fill(ids[:, : spec.depth], 0)
         pos = spec.depth
     if not spec.prompt:  # a decode-only test still needs one token in place before the first step
-        model(ids[:, pos : pos + 1], pos, cache)
+        decoder.fill(ids[:, pos : pos + 1], pos)
         pos += 1
     start = clock.now()
     first = None

@@ -44,7 +44,7 @@ class Runtime:
     model_dir: Path
     generation_defaults: dict
     load_s: float
-    decoder: Decoder
+    decoder: Decoder  # or parallel.lockstep.Leader, rank 0's decoder of a split model
 
 
 def generation_defaults(model_dir: Path) -> dict:
@@ -75,7 +75,9 @@ def load_runtime(
     compile: str = "auto",
     tokenizer: ErnieTokenizer | None = None,
     stages: Stages | None = None,
+    tp: int = 1,
 ) -> Runtime:
+    """tp > 1: the model split over that many processes (docs/multi-gpu.md), rank 0 being this one."""
     start = time.perf_counter()
     stages = stages or Stages()
     tokenizer = tokenizer or load_tokenizer(model_dir)
@@ -86,13 +88,21 @@ def load_runtime(
     context = max_context or cfg.max_position_embeddings
     # The cache is sized per request, but refusing early beats failing after the weights are in.
     reserve = kv_cache_bytes(cfg, min(context, 8192), resolve_dtype(dtype, cfg, dev))
-    kwargs = {"quantize": quantize} if quantize else {}
-    model = load_model(model_dir, dev, dtype, progress=progress, reserve_bytes=reserve, **kwargs)
-    check_interrupt()  # a Ctrl-C swallowed while loading must not let the run go on
-    stages.mark("weights")
-    mode = step_mode(compile, dev)
-    decoder = Decoder(prepare_for_decoding(model, mode), mode)
+    if tp > 1:  # eager steps: the captured or compiled step and its fusions are for one process
+        from ernie_cli.parallel.launch import Weights, load_split
+
+        decoder = load_split(Weights(cfg, resolve_dtype(dtype, cfg, dev), model_dir), tp, dev, progress, reserve)
+        check_interrupt()
+        stages.mark("weights")
+    else:
+        kwargs = {"quantize": quantize} if quantize else {}
+        model = load_model(model_dir, dev, dtype, progress=progress, reserve_bytes=reserve, **kwargs)
+        check_interrupt()  # a Ctrl-C swallowed while loading must not let the run go on
+        stages.mark("weights")
+        mode = step_mode(compile, dev)
+        decoder = Decoder(prepare_for_decoding(model, mode), mode)
     stages.mark("prepare")
+    model = decoder.model
     return Runtime(model, tokenizer, model.config, model_dir, generation_defaults(model_dir), time.perf_counter() - start, decoder)
 
 

@@ -216,6 +216,11 @@ class Decoder:
         self.reserve(start + tokens.shape[1], tokens.shape[0])
         return self.model(tokens, start, self.cache, last=tokens.shape[1] - 1)[:, -1]
 
+    def fill(self, tokens: torch.Tensor, start: int = 0) -> None:
+        """tokens [B, T] into the held cache at positions start..start+T-1, eagerly, their logits
+        unused (the context a benchmark does not time)."""
+        self.model(tokens, start, self.cache, last=tokens.shape[1] - 1)
+
     def __call__(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """tokens [B, 1] at position pos -> logits [B, V]."""
         if self.mode == "graph":

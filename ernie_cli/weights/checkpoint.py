@@ -237,8 +237,9 @@ class Checkpoint:
     def reader(self) -> TensorReader:
         return self._reader
 
-    def get(self, name: str) -> torch.Tensor:
-        return self._reader.read(name)
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor `name`; with rows=(begin, end), only those rows of it seen as [-1, last dim]."""
+        return self._reader.read(name, rows)
 
     def close(self) -> None:
         self._reader.close()

@@ -25,6 +25,9 @@ class Piece:
     source: str  # tensor name in the checkpoint
     index: tuple  # where it lands in the parameter: a tuple of ints/slices (empty = all of it)
     shape: tuple[int, ...]  # the shape the checkpoint must hold
+    # Only part of the tensor, for one rank of a tensor-parallel run (parallel/shard.py):
+    rows: tuple[int, int] | None = None  # [begin, end) along its first dimension
+    cols: tuple[int, int] | None = None  # [begin, end) along its last dimension
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@ copied: never the model twice.
 
 from __future__ import annotations
 
+import math
 import os
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -18,8 +20,9 @@ from ernie_cli.cachedir import set_compiler_cache_env
 from ernie_cli.errors import ErnieError
 from ernie_cli.model.config import ErnieConfig, load_config
 from ernie_cli.model.ernie import ErnieForCausalLM, set_param
+from ernie_cli.parallel.shard import Shard, local_plan
 from ernie_cli.weights.checkpoint import Checkpoint
-from ernie_cli.weights.layout import Param, plan
+from ernie_cli.weights.layout import Param, Piece, plan
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
@@ -137,9 +140,9 @@ def check_fits(need: int, device: torch.device, what: str) -> None:
 # ---- building ----------------------------------------------------------------------------------------
 
 
-def _empty_model(cfg: ErnieConfig) -> ErnieForCausalLM:
+def _empty_model(cfg: ErnieConfig, shard: Shard | None = None) -> ErnieForCausalLM:
     with torch.device("meta"):
-        return ErnieForCausalLM(cfg)
+        return ErnieForCausalLM(cfg, shard)
 
 
 def prepare_for_decoding(model: ErnieForCausalLM, mode: str) -> ErnieForCausalLM:
@@ -162,12 +165,15 @@ def load_model(
     quantize: str | None = None,
     group_size: int | None = None,
     keep_embeddings: bool = False,
+    shard: Shard | None = None,
 ) -> ErnieForCausalLM:
     """Load a checkpoint directory. reserve_bytes: extra memory the caller will need (KV cache).
 
     A directory made by `ernie quantize` (config.json has a quantization_config) loads quantized by
     itself. quantize="int8"/"int4" quantizes a float checkpoint while loading it (group_size and
     keep_embeddings as for `ernie quantize`); dtype is then the activation dtype.
+    shard: one rank's part of a tensor-parallel model (parallel/shard.py), of a float checkpoint;
+    only that part is read.
     """
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
@@ -175,15 +181,27 @@ def load_model(
     if not isinstance(dtype, torch.dtype):
         dtype = resolve_dtype(dtype, cfg, device)
     if cfg.quantization is not None or quantize:
+        if shard is not None:
+            raise ErnieError("tensor-parallel runs load float checkpoints only: drop --quantize (or --tp), and point -m at a float checkpoint.")
         return _load_quantized(model_dir, cfg, device, dtype, progress, reserve_bytes, quantize, group_size, keep_embeddings)
     ckpt = Checkpoint(model_dir)
     params = plan(cfg, ckpt)
-    check_fits(parameter_bytes(params, dtype) + reserve_bytes, device, f"{model_dir.name} in {str(dtype).removeprefix('torch.')}")
+    copies = 1
+    if shard is not None:
+        params = local_plan(params, cfg, shard)
+        if device.type == "cpu":
+            copies = shard.group.world  # every rank's part comes out of the same host memory
+    check_fits(copies * (parameter_bytes(params, dtype) + reserve_bytes), device, f"{model_dir.name} in {str(dtype).removeprefix('torch.')}")
 
-    model = _empty_model(cfg)
-    total = sum(ckpt.tensors[p.source].nbytes for param in params for p in param.pieces)
+    model = _empty_model(cfg, shard)
+    total = sum(piece_bytes(ckpt, p) for param in params for p in param.pieces)
+    for param in params:
+        expected = tuple(model.get_parameter(param.name).shape)
+        if param.shape != expected:  # set_param would take any shape; the forward would not
+            raise RuntimeError(f"the load plan makes {param.name} {list(param.shape)}, the model holds {list(expected)}")
+    whole = all(p.rows is None and p.cols is None for param in params for p in param.pieces)
     with torch.no_grad():
-        if device.type == "cuda":
+        if device.type == "cuda" and whole:
             _fill_on_gpu(model, params, ckpt, device, dtype, progress, total)
         else:
             _fill(model, params, ckpt, device, dtype, progress, total)
@@ -201,9 +219,9 @@ def _fill(model, params, ckpt, device, dtype, progress, total) -> None:
     for param in params:
         target = _allocate(param, dtype, device)
         for piece in param.pieces:
-            src = ckpt.get(piece.source).reshape(target[piece.index].shape)
+            src = read_piece(ckpt, piece).reshape(target[piece.index].shape)
             target[piece.index].copy_(src)
-            done += ckpt.tensors[piece.source].nbytes
+            done += piece_bytes(ckpt, piece)
             del src
             if progress:
                 progress(done, total)
@@ -232,6 +250,35 @@ def _fill_on_gpu(model, params, ckpt, device, dtype, progress, total) -> None:
         copier.wait(advance)
 
 
+def read_piece(ckpt: Checkpoint, piece: Piece) -> torch.Tensor:
+    """A piece's tensor, only its rows read from the file where it names rows. Its columns are
+    strided on disk, so a piece that names columns is read whole and narrowed: only the row-parallel
+    o_proj and down_proj of a tensor-parallel rank take one, a few matrices a layer, one at a time."""
+    shape = piece.shape
+    if piece.rows is not None and len(shape) >= 2:
+        begin, end = piece.rows
+        inner = math.prod(shape[1:-1])  # rows of the reader's [-1, last dim] view per row of dimension 0
+        t = ckpt.get(piece.source, rows=(begin * inner, end * inner)).view(end - begin, *shape[1:])
+    else:
+        t = ckpt.get(piece.source)
+        if piece.rows is not None:
+            t = t[piece.rows[0] : piece.rows[1]]
+    if piece.cols is not None:
+        t = t[..., piece.cols[0] : piece.cols[1]]
+    return t
+
+
+def piece_bytes(ckpt: Checkpoint, piece: Piece) -> int:
+    """The checkpoint bytes a piece stands for (its rows and columns of the tensor)."""
+    info = ckpt.tensors[piece.source]
+    n = info.nbytes
+    if piece.rows is not None:
+        n = n * (piece.rows[1] - piece.rows[0]) // info.shape[0]
+    if piece.cols is not None:
+        n = n * (piece.cols[1] - piece.cols[0]) // info.shape[-1]
+    return n
+
+
 def _load_quantized(model_dir, cfg, device, dtype, progress, reserve_bytes, quantize, group_size, keep_embeddings):
     from ernie_cli.quant import load as qload
     from ernie_cli.quant.spec import QuantSpec
@@ -252,15 +299,19 @@ def _load_quantized(model_dir, cfg, device, dtype, progress, reserve_bytes, quan
     return qload.quantize_while_loading(model_dir, cfg, ckpt, params, spec, device, dtype, progress)
 
 
-def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0, quantize=None) -> ErnieForCausalLM:
+def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtype, seed: int = 0, quantize=None,
+                 shard: Shard | None = None) -> ErnieForCausalLM:
     """The architecture with random weights generated directly on the device (for sizing and
     benchmarks). quantize: a quant.spec.QuantSpec; each weight is then quantized as it is drawn, so
-    memory never holds more than the quantized model and one float weight."""
+    memory never holds more than the quantized model and one float weight. shard: one rank's part
+    of a split model, each weight drawn from a seed of its own name, so that the replicated ones
+    (the router above all: every rank must route alike) are the same on every rank."""
     if quantize is not None:
         from ernie_cli.quant.load import finish, quantize_weight
     device = torch.device(device)
-    model = _empty_model(cfg)
+    model = _empty_model(cfg, shard)
     gen = torch.Generator(device=device).manual_seed(seed)
+    split = shard is not None and shard.group.world > 1
     with torch.no_grad():
         for name, meta in list(model.named_parameters()):
             keep_fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
@@ -270,6 +321,8 @@ def random_model(cfg: ErnieConfig, device: torch.device | str, dtype: torch.dtyp
             elif name.endswith("e_score_correction_bias") or name.endswith(".bias"):
                 value.zero_()
             else:
+                if split:
+                    gen.manual_seed(seed + zlib.crc32(name.encode()))
                 value.normal_(0.0, 0.02, generator=gen)
             if quantize is None or not quantize_weight(model, name, value, quantize, device, dtype):
                 set_param(model, name, value)
