@@ -22,8 +22,8 @@ def step_mode(option: str, device: torch.device, steady: bool = False) -> str:
 
     On CUDA, auto is "graph" for a run judged from start to end (`ernie complete`): the eager step's
     kernels (Triton, cuBLAS and a few torch ops, static shapes, no host sync) captured as one CUDA
-    graph in about 0.1 s, where Dynamo and Inductor spend seconds before the second token even with
-    their caches warm. For a steady rate (`ernie bench`, steady=True) auto is "compile": Inductor's
+    graph, with no Dynamo or Inductor, which spend seconds before the second token even with their
+    caches warm. For a steady rate (`ernie bench`, steady=True) auto is "compile": Inductor's
     fused step is faster per token once it exists (docs/performance.md). On the CPU there are no
     graphs, and compiling is not won back."""
     if device.type != "cuda":

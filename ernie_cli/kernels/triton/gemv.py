@@ -289,7 +289,7 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     s_stride = scales.stride(0) if (stacked and scales is not None) else 0
     dummy = weight  # unused pointer arguments still need a tensor
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), p)  # noqa: E731
-    if block is None:
+    if block is None and not torch.compiler.is_compiling():  # seeded by the eager runs before any trace
         tuned.seed("_gemv_dp4a" if uses_dp4a(fmt, k) else "_gemv", x.device.index or 0)
     if uses_dp4a(fmt, k):
         cols = 8 if fmt == "int4" else 4

@@ -102,9 +102,9 @@ def grouped(x: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor, swiglu: b
     n = rows // 2 if swiglu else rows
     out = torch.empty((s, n), dtype=x.dtype, device=x.device)
     kernel, fixed = _grouped, {}
-    if block is None:
+    if block is None and not torch.compiler.is_compiling():  # seeded by the eager runs before any trace
         tuned.seed("_grouped", x.device.index or 0)
-    else:
+    if block is not None:
         kernel = _grouped.fn
         fixed = dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), block))
     # Blocks: at most one partial block per expert beyond the whole ones.
