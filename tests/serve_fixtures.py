@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_models import write_checkpoint
+from tiny_models import write_full_vocab_checkpoint
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
 # One torch thread: on a shared 2-core machine, two threads stall each other for seconds under load.
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1")
 for _name in ("ERNIE_DEBUG", "ERNIE_API_KEY", "ERNIE_SERVER"):
@@ -25,13 +23,7 @@ URL = re.compile(r"on (http://\S+)/v1 ")
 
 @pytest.fixture(scope="session")
 def served_model(tmp_path_factory, tokenizer_dir) -> Path:
-    path, _ = write_checkpoint(
-        tmp_path_factory.mktemp("served") / "tiny-ernie", "moe",
-        vocab_size=103424, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-    )
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / name, path / name)
-    return path
+    return write_full_vocab_checkpoint(tmp_path_factory.mktemp("served") / "tiny-ernie", tokenizer_dir)[0]
 
 
 class Server:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from tiny_models import write_checkpoint
+from tiny_models import write_full_vocab_checkpoint
 
 from ernie_cli.parallel.group import Group
 from ernie_cli.parallel.shard import kv_heads_for, part, plan_shard
@@ -126,18 +125,11 @@ def test_uneven_split_of_eight_heads_over_three_ranks():
 # ---- the commands ----------------------------------------------------------------------------------
 
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
 
 
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory, tokenizer_dir):
-    path, ref = write_checkpoint(
-        tmp_path_factory.mktemp("tp") / "tiny-ernie", "moe",
-        vocab_size=103424, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-    )
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / name, path / name)
-    return path, ref
+    return write_full_vocab_checkpoint(tmp_path_factory.mktemp("tp") / "tiny-ernie", tokenizer_dir)
 
 
 def ernie(*args, timeout=180):

@@ -7,18 +7,16 @@ tokens and logprobs of each request, whatever else shares its batch.
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
-from tiny_models import load_reference, write_checkpoint
+from tiny_models import load_reference, write_full_vocab_checkpoint
 
 from ernie_cli.runtime import completion
 from ernie_cli.runtime.batch import BLOCK, BatchDecoder, Sequence
 from ernie_cli.runtime.sampling import SamplingParams
 from ernie_cli.serve.scheduler import Job, Scheduler
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
 PROMPTS = ["The capital of France is", "1, 1, 2, 3, 5,", "今天的天气", "Once upon a time, in a land far away, there lived",
            "def main():", "A", "Paris, London, Berlin and", "The quick brown fox jumps over the lazy dog. " * 6]
 
@@ -35,12 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def runtime(tmp_path_factory, tokenizer_dir):
-    path, _ = write_checkpoint(
-        tmp_path_factory.mktemp("serve-engine") / "tiny-ernie", "moe",
-        vocab_size=103424, hidden_size=32, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-    )
-    for name in TOKENIZER_FILES:
-        shutil.copy(tokenizer_dir / name, path / name)
+    path, _ = write_full_vocab_checkpoint(tmp_path_factory.mktemp("serve-engine") / "tiny-ernie", tokenizer_dir, 1024)
     return completion.load_runtime(path, "cpu", "float32", compile="off")
 
 

@@ -7,6 +7,7 @@ routing is decisive; otherwise greedy comparisons would test noise.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -121,3 +122,19 @@ def edit_config(path: Path, **changes) -> None:
         else:
             raw[k] = v
     cfg_path.write_text(json.dumps(raw))
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
+
+
+def write_full_vocab_checkpoint(path: Path, tokenizer_dir: Path, max_position_embeddings: int = 4096, extra=()):
+    """A tiny MoE with the real tokenizer's 103,424-token vocabulary and its files beside the weights
+    (plus `extra` files of the tokenizer directory): a model the commands take as a release.
+    Returns (path, the transformers reference)."""
+    path, ref = write_checkpoint(
+        path, "moe", vocab_size=103424, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=max_position_embeddings,
+    )
+    for name in [*TOKENIZER_FILES, *extra]:
+        shutil.copy(tokenizer_dir / name, path / name)
+    return path, ref
