@@ -9,10 +9,11 @@ Rows (all by default):
   cold    bf16, -n 64, the first run with empty ernie and Triton caches (as after an install)
   bf16    bf16, -n 64, caches warm (median of --runs)
   int4    an int4 directory in `ernie quantize`'s format, -n 64, caches warm
-  n512    bf16, -n 512: complete's own decode rate against `ernie bench` tg128 on the same directory
   long    bf16, a 1,000-token prompt from stdin, -n 64
   full    the full 21B-A3B as an int4 directory (11.6 GB), -n 64
   load    the full 21B-A3B in bf16 (43.7 GB, a sparse file read back as zeros): page cache to GPU
+  n512    bf16, -n 512: complete's own decode rate against `ernie bench` tg128 on the same directory
+          (last: the bench compiles its step with Inductor)
   hf      (with --hf) transformers from_pretrained + generate, greedy, -n 64, on the bf16 directory
 
 Checkpoints: the real 21B-A3B shapes (benchmarks/configs) cut to --layers layers, random weights
@@ -45,7 +46,7 @@ from synthetic import hub_tensors  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "ERNIE-4.5-21B-A3B-Base-PT.json"
 PROMPT = "The capital of France is"
-ROWS = ("floor", "cold", "bf16", "int4", "n512", "long", "full", "load")
+ROWS = ("floor", "cold", "bf16", "int4", "long", "full", "load", "n512")
 
 
 def _values(t: OutTensor, gen: torch.Generator) -> torch.Tensor:
@@ -201,6 +202,16 @@ def main() -> None:
         warm_row("bf16", "bf16 -n 64, caches warm", bf16)
     if "int4" in rows_wanted:
         warm_row("int4", "int4 directory -n 64, caches warm", int4)
+    if "long" in rows_wanted:
+        words = ("the quick brown fox jumps over the lazy dog near a quiet river bank " * 200).encode()
+        warm_row("long", "bf16, ~1,000-token prompt on stdin, -n 64", bf16, stdin=words[: 4 * 1000])
+    if "full" in rows_wanted:
+        warm_row("full", "full 21B-A3B int4 directory, -n 64", full_int4, runs=1)
+    if "load" in rows_wanted:
+        rs = warm_row("load", "full 21B-A3B bf16 (hollow) -n 64", hollow, runs=1)
+        gb = sum(f.stat().st_size for f in hollow.glob("*.safetensors")) / 1e9
+        secs = statistics.median(r["json"]["timings"]["stages"]["weights"] for r in rs if "json" in r)
+        table.append(("  weights: page cache to GPU", f"{secs:.2f} s for {gb:.1f} GB", f"{gb / secs:.1f} GB/s"))
     if "n512" in rows_wanted:
         rs = warm_row("n512", "bf16 -n 512", bf16, n=512)
         rate = statistics.median(r["json"]["timings"]["decode_tokens_per_s"] for r in rs if "json" in r)
@@ -212,16 +223,6 @@ def main() -> None:
             print(b.stderr[-1500:], flush=True)
             tg = 0
         table.append(("  complete's decode rate / bench tg128", f"{rate:.1f} / {tg:.1f} tok/s", f"{rate / tg:.1%}" if tg else "-"))
-    if "long" in rows_wanted:
-        words = ("the quick brown fox jumps over the lazy dog near a quiet river bank " * 200).encode()
-        warm_row("long", "bf16, ~1,000-token prompt on stdin, -n 64", bf16, stdin=words[: 4 * 1000])
-    if "full" in rows_wanted:
-        warm_row("full", "full 21B-A3B int4 directory, -n 64", full_int4, runs=1)
-    if "load" in rows_wanted:
-        rs = warm_row("load", "full 21B-A3B bf16 (hollow) -n 64", hollow, runs=1)
-        gb = sum(f.stat().st_size for f in hollow.glob("*.safetensors")) / 1e9
-        secs = statistics.median(r["json"]["timings"]["stages"]["weights"] for r in rs if "json" in r)
-        table.append(("  weights: page cache to GPU", f"{secs:.2f} s for {gb:.1f} GB", f"{gb / secs:.1f} GB/s"))
     if "hf" in rows_wanted:
         code = (
             "import time,torch,sys;t=time.perf_counter();from transformers import AutoModelForCausalLM,AutoTokenizer;"

@@ -64,3 +64,32 @@ def test_graph_step_follows_a_new_cache(checkpoints):
         scale = outs[0].abs().max().item()
         assert (outs[0] - outs[1]).abs().max().item() <= 2.0**-6 * scale
         assert torch.equal(outs[0].argmax(-1), outs[1].argmax(-1))
+
+
+_NO_DYNAMO = """
+import sys, torch
+from ernie_cli.runtime.decoder import Decoder, step_mode
+from ernie_cli.runtime.generate import generate
+from ernie_cli.runtime.sampling import Sampler, SamplingParams
+from ernie_cli.weights.loader import load_model, prepare_for_decoding
+device = torch.device(sys.argv[2])
+mode = step_mode("auto", device)
+model = prepare_for_decoding(load_model(sys.argv[1], device, torch.bfloat16), mode)
+sampler = Sampler(SamplingParams(temperature=0), model.config.vocab_size, model.device)
+tokens = [s.token for s in generate(model, [5, 6, 7], 8, sampler, decoder=Decoder(model, mode))]
+assert len(tokens) == 8
+print(sorted(m for m in ("torch._dynamo", "torch._inductor", "sympy") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_a_one_shot_run_never_imports_the_compiler(checkpoints, device):
+    """What `ernie complete` runs by default imports neither Dynamo nor Inductor: their import alone
+    (and the first call of any torch custom operator, which brings them) took 2-4 s of a one-shot run."""
+    import subprocess
+    import sys
+
+    path, _ = checkpoints("moe")
+    out = subprocess.run([sys.executable, "-c", _NO_DYNAMO, str(path), device], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -127,21 +127,13 @@ def decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: t
            block_s: int = 64) -> torch.Tensor:
     """q [1, H, 1, D] of the token at position pos (a one-element device tensor) against the cache
     [1, KV, capacity, D], whose slots 0..pos are filled -> [1, H, 1, D] in q's dtype."""
-    return decode_op(q, cache_k, cache_v, pos, scale, block_s)
+    op = decode_op if torch.compiler.is_compiling() else _decode
+    return op(q, cache_k, cache_v, pos, scale, block_s)
 
 
-# An operator, opaque to Dynamo: traced as plain Triton calls, the 8-layer decode graph failed to
-# compile on the GPU (Dynamo typed the float scale as fp64), while the kernels passed their tests eagerly. Inside the CUDA
-# graph the operator costs nothing more: the graph replays its two launches.
-@torch.library.custom_op("ernie::decode_attention", mutates_args=())
-def decode_op(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor, scale: float,
-              block_s: int) -> torch.Tensor:
+def _decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, pos: torch.Tensor, scale: float,
+            block_s: int) -> torch.Tensor:
     return _attend(q.reshape(q.shape[1], q.shape[-1]).contiguous(), cache_k, cache_v, pos, scale, block_s)
-
-
-@decode_op.register_fake
-def _(q, cache_k, cache_v, pos, scale, block_s):
-    return q.new_empty(q.shape)
 
 
 def rotate_write_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -150,20 +142,38 @@ def rotate_write_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache
     rotated. RoPE with cos/sin (float32, interleaved): the whole tables [N, D], whose row pos the
     kernel reads, or that row alone [1, D]. The rotated key and the value are written into the
     caches at pos, then decode's attention -> [1, H, 1, D]."""
-    return rotate_write_decode_op(q, k, v, cache_k, cache_v, cos, sin, pos, scale, block_s)
+    op = rotate_write_decode_op if torch.compiler.is_compiling() else _rotate_write_decode
+    return op(q, k, v, cache_k, cache_v, cos, sin, pos, scale, block_s)
 
 
-# Mutating the caches inside the operator (declared, so torch.compile orders it and writes in place:
-# tests/test_gpu_attention_writes.py checks the compiled code for copies of the cache).
-@torch.library.custom_op("ernie::rotate_write_decode_attention", mutates_args=("cache_k", "cache_v"))
-def rotate_write_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                           cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, scale: float, block_s: int) -> torch.Tensor:
+def _rotate_write_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor, scale: float, block_s: int) -> torch.Tensor:
     heads, kv, dim = q.shape[2], k.shape[2], q.shape[-1]
     assert cache_k.is_contiguous() and cache_v.is_contiguous()  # the kernel writes slot pos at pos * D
     rows = (q.reshape(heads, dim), k.reshape(kv, dim), v.reshape(kv, dim))
     q2, k2, v2 = (t.contiguous() for t in rows)  # no copy where already contiguous
     cos2, sin2 = (t.reshape(-1, dim).contiguous() for t in (cos, sin))
     return _attend(q2, cache_k, cache_v, pos, scale, block_s, (k2, v2, cos2, sin2, dim if cos2.shape[0] > 1 else 0))
+
+
+# For torch.compile, each is an operator, opaque to Dynamo: traced as plain Triton calls, the 8-layer
+# decode graph failed to compile on the GPU (Dynamo typed the float scale as fp64), while the kernels
+# passed their tests eagerly. Inside the CUDA graph the operator costs nothing more: the graph replays
+# its launches. Eagerly (and in the step captured from the eager code) the functions are called
+# directly: the first call of any custom operator imports Dynamo, sympy and FSDP, 2.2 s on a CPU with
+# its bytecode cached and about 3.5 s on the device, all inside the first decode step.
+decode_op = torch.library.custom_op("ernie::decode_attention", _decode, mutates_args=())
+
+
+@decode_op.register_fake
+def _(q, cache_k, cache_v, pos, scale, block_s):
+    return q.new_empty(q.shape)
+
+
+# The caches are mutated inside the operator (declared, so torch.compile orders it and writes in
+# place: tests/test_gpu_attention_writes.py checks the compiled code for copies of the cache).
+rotate_write_decode_op = torch.library.custom_op(
+    "ernie::rotate_write_decode_attention", _rotate_write_decode, mutates_args=("cache_k", "cache_v"))
 
 
 @rotate_write_decode_op.register_fake

@@ -3,18 +3,28 @@
 Triton's autotuner times every configuration of a kernel for each new shape it meets, compiling
 each one first: in a first `ernie complete` after installing, that was most of the time before
 the first token (docs/performance.md). Its choices for the shapes of the ERNIE 4.5 models on the
-cards below were recorded by `python benchmarks/triton_choices.py` and are put into the tuners'
-own tables before their first launch; a shape or card not listed is tuned as before, once, and
-kept in Triton's cache (`cache_results`). The keys are the tuner's own (its key arguments, then
+cards in choices.json (beside this file) were recorded by `python benchmarks/triton_choices.py`
+and are put into the tuners' own tables before their first launch; a shape or card not listed is
+tuned as before, once, and kept in Triton's cache (`cache_results`). The keys are the tuner's own (its key arguments, then
 the dtypes of the tensor arguments), so a Triton that forms them differently simply finds none.
 """
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from pathlib import Path
 
-# {device name: {kernel name: [(key, (kwargs, num_warps, num_stages)), ...]}}
-CHOICES: dict[str, dict[str, list]] = {}
+
+def _shipped() -> dict:
+    try:
+        return json.loads((Path(__file__).with_name("choices.json")).read_text())
+    except (OSError, ValueError):  # a damaged or missing table only means tuning as before
+        return {}
+
+
+# {device name: {kernel name: [[key, [kwargs, num_warps, num_stages]], ...]}}
+CHOICES: dict[str, dict[str, list]] = _shipped()
 
 
 @lru_cache(maxsize=None)
