@@ -63,6 +63,22 @@ def _values(t: OutTensor, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(t.shape, device=dev, generator=gen) * scale
 
 
+class HollowShardWriter(ShardWriter):
+    """A ShardWriter that can leave a tensor's bytes as a hole (read back as zeros, no disk used)."""
+
+    def hole(self, t: OutTensor) -> None:
+        if self._left_in_shard == 0:
+            self._open_next_shard()
+        self._file.seek(t.nbytes, os.SEEK_CUR)
+        self._next += 1
+        self._left_in_shard -= 1
+
+    def _close_file(self) -> None:
+        if self._file is not None:  # a shard that ends in a hole: its length is set by the seek alone
+            self._file.truncate(self._file.tell())
+        super()._close_file()
+
+
 def write_checkpoint(path: Path, raw: dict, tensors: list[OutTensor], tokenizer: Path, hollow: bool = False) -> Path:
     """config.json, the tokenizer's files and `tensors` with random values (hollow: only tensors under
     a megabyte and the embedding hold values; the rest are holes, read back as zeros)."""
@@ -75,19 +91,13 @@ def write_checkpoint(path: Path, raw: dict, tensors: list[OutTensor], tokenizer:
         if f.is_file() and f.name != "config.json":
             shutil.copy(f, tmp / f.name)
     (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    writer = ShardWriter(tmp, tensors, 5 << 30)
+    writer = (HollowShardWriter if hollow else ShardWriter)(tmp, tensors, 5 << 30)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for t in writer.order:
         if hollow and t.nbytes >= 1 << 20 and not t.name.endswith("embed_tokens.weight"):
-            if writer._left_in_shard == 0:
-                writer._open_next_shard()
-            writer._file.seek(t.nbytes, os.SEEK_CUR)
-            writer._next += 1
-            writer._left_in_shard -= 1
-            continue
-        writer.write(t.name, _values(t, gen).to(t.dtype).cpu())
-    if hollow:
-        writer._file.truncate(writer._file.tell())
+            writer.hole(t)
+        else:
+            writer.write(t.name, _values(t, gen).to(t.dtype).cpu())
     writer.finish()
     tmp.rename(path)
     return path
