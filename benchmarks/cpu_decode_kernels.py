@@ -3,8 +3,11 @@ read, against the DRAM read rate of benchmarks/cpu_bandwidth.c probed in the sam
 
 Each shape is a stack of copies (or the 64 experts) larger than the last-level cache, and each call
 takes other copies, so that the weights come from DRAM as in decoding. Variants are builds of
-int_kernels.c with other -D settings, of another revision (--baseline), or torch (bf16: F.linear per
-matrix, oneDNN); they take turns call by call, round after round, so that the machine's drift hits all alike.
+int_kernels.c (for this CPU's feature set) with other -D settings, of another revision (--baseline;
+skipped where that revision has no build for this CPU), or torch, one matrix at a time as decoding
+without the native kernels runs them (int4/int8: its weight-only int kernels on the layouts
+QuantWeight's "cpu" backend makes; bf16: F.linear, oneDNN); they take turns call by call, round after
+round, so that the machine's drift hits all alike.
 
 Usage:
   python benchmarks/cpu_decode_kernels.py                                  # int4, int8, bf16; 3 rounds
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ernie_cli.kernels import quantized
 from ernie_cli.kernels.cpu import native
+from ernie_cli.quant.weight import QuantWeight
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = torch.bfloat16
@@ -51,9 +55,10 @@ def load_avg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def compile_lib(source: Path, out: Path, defines: list[str]) -> ctypes.CDLL:
+def compile_lib(source: Path, out: Path, defines: list[str], quiet: bool = False) -> ctypes.CDLL:
     _, cflags = native.feature_set(native._cpu_flags()[0])
-    subprocess.run(["cc", *native.FLAGS, *cflags, *defines, str(source), "-o", str(out), "-lm"], check=True)
+    subprocess.run(["cc", *native.FLAGS, *cflags, *defines, str(source), "-o", str(out), "-lm"], check=True,
+                   stderr=subprocess.DEVNULL if quiet else None)
     return ctypes.CDLL(str(out))
 
 
@@ -137,10 +142,14 @@ def main() -> None:
         name, defines = spec.split("=", 1)
         libs[name] = Lib(compile_lib(native.SOURCE, tmp / f"{name}.so", defines.split()), args.threads)
     if args.baseline:
-        src = tmp / "baseline.c"
-        src.write_text(subprocess.run(["git", "-C", str(ROOT), "show", f"{args.baseline}:ernie_cli/kernels/cpu/int_kernels.c"],
-                                      check=True, capture_output=True, text=True).stdout)
-        libs[args.baseline] = Lib(compile_lib(src, tmp / "baseline.so", []), args.threads)
+        # the revision's whole kernel folder: the C file includes its headers by relative path
+        folder = "ernie_cli/kernels/cpu"
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, folder], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        try:
+            libs[args.baseline] = Lib(compile_lib(tmp / folder / "int_kernels.c", tmp / "baseline.so", [], quiet=True), args.threads)
+        except subprocess.CalledProcessError:
+            print(f"{args.baseline}'s kernels do not build for this CPU's feature set: left out", file=sys.stderr)
 
     results: dict[tuple[str, str, str], list[float]] = {}
     shapes = [s for s in SHAPES if not args.shapes or s[0] in args.shapes.split(",")]
@@ -163,10 +172,14 @@ def main() -> None:
             for vname, lib in libs.items():
                 if fmt == "bf16" and lib.bf16 is None:
                     continue
-                runners[vname] = (lambda i, lib=lib: lib.run(fmt, w, x, experts_of(i), per_expert_x, out))
+                runners[vname] = (lambda i, lib=lib, w=w: lib.run(fmt, w, x, experts_of(i), per_expert_x, out))
+            xs = x if per_expert_x else x.expand(p_count, k)
             if fmt == "bf16":
-                xs = x if per_expert_x else x.expand(p_count, k)
-                runners["torch"] = lambda i: [F.linear(xs[j:j + 1], w[0][e]) for j, e in enumerate(experts_of(i).tolist())]
+                runners["torch"] = lambda i, w=w: [F.linear(xs[j:j + 1], w[0][e]) for j, e in enumerate(experts_of(i).tolist())]
+            else:
+                keys = ("qweight", "scales", "zeros")
+                wq = QuantWeight(fmt, (copies, n, k), 64, "cpu").load(dict(zip(keys, w)), torch.device("cpu"))
+                runners["torch"] = lambda i, wq=wq: [quantized.matmul(wq, xs[j:j + 1], e) for j, e in enumerate(experts_of(i).tolist())]
             for r in range(args.rounds):
                 rate = probe.read_rate_median(args.threads)
                 print(f"round {r} {fmt} {name}: probe {rate:.1f} GB/s on {args.threads} threads, load {load_avg()}", file=sys.stderr)
@@ -174,7 +187,7 @@ def main() -> None:
                 for vname, seconds in time_interleaved(runners, args.calls).items():
                     results.setdefault((fmt, name, vname), []).append(seconds * 1e6)
             results[(fmt, name, "_bytes")] = [read]
-            del w
+            del w, runners  # the default arguments held the last references
     probe.release()
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "?")

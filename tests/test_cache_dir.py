@@ -39,7 +39,7 @@ def _native_unavailable() -> str | None:
         return "the native kernels are x86 only"
     flags, _ = native._cpu_flags()
     if native.feature_set(flags) is None:
-        return "the native kernels need a CPU with AVX-512 VNNI"
+        return "the native kernels need a CPU with AVX2 and FMA (or AVX-512 VNNI)"
     if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
         return "the native kernels need a C compiler"
     return None

@@ -1,9 +1,10 @@
-"""The native AVX-512 VNNI int kernels (ernie_cli/kernels/cpu/int_kernels.c) against float64 arithmetic.
+"""The native kernels (ernie_cli/kernels/cpu/int_kernels.c, the AVX-512 or the AVX2 build, whichever
+this CPU gets) against float64 arithmetic.
 
-They quantize the activations to int8 per block of 64 (scale d = max|x| / 127), so each product
-differs from the exact one by at most sum over blocks of d/2 * sum |w - offset| (the rounding of
-each activation is at most d/2; for int4 the zero offset multiplies the exact float sum of x, so
-only (q - 8) * scale counts), plus float32 summation error. The tests assert that bound, element
+The int kernels quantize the activations to int8 per block of 64 (scale d = max|x| / 127), so each
+product differs from the exact one by at most sum over blocks of d/2 * sum |w - offset| (the
+rounding of each activation is at most d/2; for int4 the zero offset multiplies the exact float sum
+of x, so only (q - 8) * scale counts), plus float32 summation error. The tests assert that bound, element
 by element, with 1e-5 of sum |x||w| for the float32 part.
 """
 
@@ -16,7 +17,7 @@ from ernie_cli.kernels.ops import choose_backend
 from ernie_cli.quant import formats
 from ernie_cli.quant.weight import QuantWeight
 
-pytestmark = pytest.mark.skipif(native.kernels() is None, reason="the native int kernels need an x86 CPU with AVX-512 VNNI and a C compiler")
+pytestmark = pytest.mark.skipif(native.kernels() is None, reason="the native kernels need an x86 CPU with AVX2 and FMA (or AVX-512 VNNI) and a C compiler")
 
 
 def _disk(fmt, shape, group, seed):
@@ -142,6 +143,13 @@ def test_turned_off_or_unbuildable_falls_back_to_torch_kernels(monkeypatch, tmp_
         native.kernels.cache_clear()
 
 
+def test_the_build_key_hashes_every_file_the_build_reads():
+    import re
+
+    included = re.findall(r'#include "([^"]+)"', native.SOURCE.read_text())
+    assert included and {p.name for p in native.sources()} >= {native.SOURCE.name, *included}
+
+
 def test_build_is_cached_under_a_content_hash(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     native.kernels.cache_clear()
@@ -189,35 +197,40 @@ def test_dequantize_equals_the_format_definition(fmt, group, dtype):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_prefill_expands_to_floats_and_decode_stays_integer(fmt, monkeypatch):
-    """From PREFILL_TOKENS tokens on, a product expands the weight (then torch's matmul); below, the
-    integer kernel runs. Both give the float64 product within the integer path's bound."""
+@pytest.mark.parametrize("threshold", [native.PREFILL_TOKENS, None])  # the AVX-512 builds', the AVX2 build's
+def test_prefill_expands_to_floats_and_decode_stays_integer(fmt, threshold, monkeypatch):
+    """From the build's prefill_tokens on (never where it is None), a product expands the weight
+    (then torch's matmul); below, the integer kernel runs. Both give the float64 product within the
+    integer path's bound."""
     disk = _disk(fmt, (96, 256), 64, seed=5)
     weight = QuantWeight(fmt, (96, 256), 64, "native").load(disk, torch.device("cpu"))
     kern = native.kernels()
+    monkeypatch.setattr(kern, "prefill_tokens", threshold)
     calls = []
     for name in ("dequantize", "int4", "int8"):
         real = getattr(kern, name)
         monkeypatch.setattr(kern, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name), _real(*a, **kw))[1])
     w, moving = _bound_terms(fmt, disk, 64)
-    for m in (native.PREFILL_TOKENS - 1, native.PREFILL_TOKENS):
+    for m in (native.PREFILL_TOKENS - 1, native.PREFILL_TOKENS, 2 * native.PREFILL_TOKENS):
         calls.clear()
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m))
         y = quantized.matmul(weight, x)
-        assert calls == (["dequantize"] if m >= native.PREFILL_TOKENS else [fmt])
+        assert calls == (["dequantize"] if threshold is not None and m >= threshold else [fmt])
         _check(y, x, w, moving)
 
 
-# ---- bf16 weights (VDPBF16PS) -------------------------------------------------------------------------
+# ---- bf16 weights (the one-token GEMV) --------------------------------------------------------------
 
 _needs_bf16 = pytest.mark.skipif(native.kernels() is None or not native.kernels().has_bf16,
-                                 reason="the native bf16 kernel needs an x86 CPU with AVX512_BF16 and a C compiler")
+                                 reason="this CPU's build has no bf16 GEMV (AVX-512 without AVX512_BF16), or none builds")
 
 
 def _check_bf16(y, x, w, out_rounding):
-    """y [N] against float64 x [K] @ w [N, K].T. bf16 x bf16 products are exact in float32; each of the
-    16 float32 lanes adds K/32 pairs (two roundings each), then 16 lanes are summed: at most K/16 + 4
-    roundings in a chain, each of relative size 2^-24, on sum |x||w| (the standard bound gamma_n)."""
+    """y [N] against float64 x [K] @ w [N, K].T. bf16 x bf16 products are exact in float32. AVX-512:
+    each of 16 float32 lanes adds K/32 pairs (two roundings each), then 16 lanes are summed: at most
+    K/16 + 4 roundings in a chain. AVX2: each of 32 lanes adds at most 2 ceil(K/64) <= K/32 + 2
+    products by FMA (one rounding each), then 32 lanes are summed: K/32 + 7. Each rounding of
+    relative size 2^-24, on sum |x||w| (the standard bound gamma_n)."""
     k = x.shape[-1]
     ref = w.double() @ x.double()
     n = k / 16 + 8
@@ -309,22 +322,49 @@ def test_bf16_decode_with_the_native_kernel_stays_close_to_fp32(checkpoints, mon
     assert ours < 1e-3 and ours <= 1.5 * torchs + 1e-5
 
 
+# whether each feature set's build has a bf16 GEMV
+_BF16_GEMV = {"avx512-vnni-bf16": True, "avx512-vnni": False, "avx2": True}
+
+
 def test_the_build_follows_the_cpu_features(monkeypatch, tmp_path):
-    """One library per feature set, named by it: without AVX512_BF16 the int kernels alone, without
-    AVX-512 VNNI none (torch's kernels)."""
-    base = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2"}
+    """One library per feature set, named by it: AVX-512 VNNI with or without the bf16 GEMV, else AVX2
+    with FMA, else none (torch's kernels). Every set this CPU can run is built here (the CPU's flags
+    less those only better sets need) and checked on a few products."""
+    base = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}
     assert native.feature_set(base | {"avx512_vnni", "avx512_bf16"})[0] == "avx512-vnni-bf16"
     assert native.feature_set(base | {"avx512_vnni"})[0] == "avx512-vnni"
-    assert native.feature_set(base) is None and native.feature_set({"avx2", "avx_vnni"}) is None
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native.feature_set(base)[0] == "avx2"  # AVX-512 without VNNI (Skylake-SP)
+    assert native.feature_set({"avx2", "fma", "avx_vnni"})[0] == "avx2"
+    assert native.feature_set({"avx2"}) is None and native.feature_set({"avx", "fma", "f16c"}) is None
+    assert set(_BF16_GEMV) == {name for name, _, _ in native.FEATURE_SETS}
     flags, model = native._cpu_flags()
-    monkeypatch.setattr(native, "_cpu_flags", lambda: (flags - {"avx512_bf16"}, model))
-    native.kernels.cache_clear()
-    try:
-        kern = native.kernels()
-        assert kern is not None and not kern.has_bf16
-        assert [p.name.split("_")[3] for p in (tmp_path / "ernie" / "kernels").iterdir()] == ["avx512-vnni"]
-        with pytest.raises(RuntimeError):
-            kern.bf16_gemv(torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(64, dtype=torch.bfloat16))
-    finally:
+    runnable = []
+    for i, (name, needed, _) in enumerate(native.FEATURE_SETS):
+        better = set().union(*(set(n) for _, n, _ in native.FEATURE_SETS[:i]))
+        if set(needed) <= flags:
+            runnable.append((name, flags - (better - set(needed))))
+    assert runnable  # else the module would have been skipped
+    disk4, disk8 = _disk("int4", (2, 72, 320), 64, seed=6), _disk("int8", (2, 72, 320), 64, seed=7)
+    w4, moving4 = _bound_terms("int4", disk4, 64)
+    w8, moving8 = _bound_terms("int8", disk8, 64)
+    for name, cpu in runnable:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / name))
+        monkeypatch.setattr(native, "_cpu_flags", lambda cpu=cpu: (cpu, model))
         native.kernels.cache_clear()
+        try:
+            kern = native.kernels()
+            assert kern is not None and kern.has_bf16 == _BF16_GEMV[name]
+            assert kern.expands(512) == (name != "avx2")  # without bf16 hardware the integer kernel stays faster
+            assert [p.name.split("_")[3] for p in (tmp_path / name / "ernie" / "kernels").iterdir()] == [name]
+            for m in (1, 5):  # the one-token and the several-token kernels
+                x = torch.randn(m, 320, generator=torch.Generator().manual_seed(m))
+                _check(kern.int4(disk4["qweight"], disk4["scales"], disk4["zeros"], x, 64, torch.tensor([1]))[0], x, w4[1], moving4[1])
+                _check(kern.int8(disk8["qweight"], disk8["scales"], x, torch.tensor([1]))[0], x, w8[1], moving8[1])
+            wb, xb = w8[0].bfloat16(), torch.randn(320, generator=torch.Generator().manual_seed(3)).bfloat16()
+            if kern.has_bf16:
+                _check_bf16(kern.bf16_gemv(wb, xb, out_dtype=torch.float32)[0], xb, wb, 0.0)
+            else:
+                with pytest.raises(RuntimeError):
+                    kern.bf16_gemv(wb, xb)
+        finally:
+            native.kernels.cache_clear()

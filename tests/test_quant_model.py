@@ -154,7 +154,7 @@ def _need_native():
     from ernie_cli.kernels.cpu import native
 
     if native.kernels() is None:
-        pytest.skip("the native int kernels need an x86 CPU with AVX-512 VNNI and a C compiler")
+        pytest.skip("the native kernels need an x86 CPU with AVX2 and FMA (or AVX-512 VNNI) and a C compiler")
 
 
 def test_modules_are_replaced_and_bytes_match_the_disk(quantized):

@@ -61,9 +61,10 @@ def _gemv_takes(x: torch.Tensor, w) -> bool:
 
 
 def _native_bf16(x: torch.Tensor, w) -> bool:
-    """Whether one token's product with a bf16 weight goes through the native VDPBF16PS GEMV: on a
-    CPU with AVX512_BF16, where oneDNN's M=1 matmul reads the weights at well below the DRAM rate
-    (docs/performance.md). Compiled steps keep torch's (the kernel is a ctypes call)."""
+    """Whether one token's product with a bf16 weight goes through the native bf16 GEMV: where this
+    CPU's build has one (AVX512_BF16's VDPBF16PS, or AVX2's shift to float32 and FMA), as oneDNN's
+    M=1 matmul reads the weights at well below the DRAM rate (docs/performance.md). Compiled steps
+    keep torch's (the kernel is a ctypes call)."""
     if not (isinstance(w, torch.Tensor) and w.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
             and x.device.type == "cpu" and w.device.type == "cpu" and x.reshape(-1, x.shape[-1]).shape[0] == 1
             and w.is_contiguous() and not _compiling() and native_enabled()):

@@ -1,9 +1,10 @@
 """Products with a quantized weight (ernie_cli.quant.weight.QuantWeight), by its layout.
 
-- "native": the AVX-512 VNNI kernels of kernels/cpu, which read the disk layout as it is and
+- "native": the AVX-512 VNNI or AVX2 kernels of kernels/cpu, which read the disk layout as it is and
   quantize the activations to int8 per block of 64, like llama.cpp's Q8_0 activations; the
   selected experts of a token are one call. From native.PREFILL_TOKENS tokens in one product the
-  work is arithmetic, not reading: the weight is expanded to floats in C and torch's matmul runs.
+  work is arithmetic, not reading: the weight is expanded to floats in C and torch's matmul runs
+  (not on the AVX2 build, where the integer kernel stays faster: Kernels.expands).
 - "cpu": torch's weight-only int kernels, fed bfloat16 activations (float32 activations make the
   int8 kernel about ten times slower on the CPU) and cast back to the activation dtype.
 - "dequant": one token on CUDA through the Triton GEMVs (bytes to floats in registers); many
@@ -69,7 +70,7 @@ def matmul(w: QuantWeight, x: torch.Tensor, expert=None, gpu_dequant: bool = Fal
     """x [M, in] -> x @ W.T [M, out] (W = expert `expert` of a stack), in x's dtype.
     gpu_dequant: many tokens on CUDA, eagerly: one Triton pass to floats, then the tensor cores."""
     if w.backend == "native":
-        if x.shape[0] >= native.PREFILL_TOKENS and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and native.kernels().expands(x.shape[0]):
             f = native_dequantize(w, expert, BF16 if x.dtype == BF16 else torch.float32)
             return F.linear(x.to(f.dtype), f).to(x.dtype)
         return native_mm(w, _native_input(x), expert, out_dtype=x.dtype)[0].to(x.dtype)

@@ -6,7 +6,7 @@ expert stack [E, out, in]. The operations of ernie_cli/kernels/ops.py accept eit
 themselves are in ernie_cli/kernels/quantized.py. Layouts (the `backend`, chosen by
 kernels.ops.choose_backend at load time):
 - "native" and "dequant": the disk layout as the file stores it (native: x86 CPUs with AVX-512
-  VNNI, read by kernels/cpu; dequant: CUDA, and any device, expanded to floats or read by the
+  VNNI or AVX2, read by kernels/cpu; dequant: CUDA, and any device, expanded to floats or read by the
   Triton GEMVs).
 - "cpu": torch's weight-only int kernels' own layouts, made here at load time: int8 padded to
   K % 16 == 0; int4 packed for `_weight_int4pack_mm_for_cpu` (N % 16 == 0, K a multiple of the group).

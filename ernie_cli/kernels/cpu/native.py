@@ -1,17 +1,21 @@
-"""The AVX-512 kernels of int_kernels.c (int4/int8 by VNNI, bf16 by AVX512_BF16), compiled on first use.
+"""The native CPU kernels of int_kernels.c (int4/int8 products, a bf16 GEMV), compiled on first use.
 
 The C file is built once per feature set of the CPU (FEATURE_SETS: the first whose flags the CPU
 has) with the system's C compiler into the kernels folder of ernie's cache (ernie_cli.cachedir:
 $XDG_CACHE_HOME/ernie or ~/.cache/ernie), under a name that carries the feature set and hashes the
-source, the flags and the CPU model, written under a temporary name and renamed. Python reaches it
-through ctypes: the kernels take raw pointers, so no torch headers are needed and the build takes
-about a second.
+sources (the C file and its per-instruction-set headers), the flags and the CPU model, written under
+a temporary name and renamed. Python reaches it through ctypes: the kernels take raw pointers, so no
+torch headers are needed and the build takes about a second.
 
-Where the CPU lacks AVX-512 VNNI, no compiler is found, or the build fails, `kernels()` returns
-None: the quantized modules keep torch's own int kernels, and bf16 products torch's matmul. Without
-AVX512_BF16 the int kernels are built alone (`Kernels.has_bf16` is False). AMX needs no kernel of
-its own here: prefill expands the weights and calls oneDNN, which uses AMX where the CPU has it.
-ERNIE_NATIVE=0 turns it all off.
+AVX-512 VNNI CPUs get the AVX-512 build (isa_avx512.h); CPUs with AVX2 and FMA but not that, the
+AVX2 build (isa_avx2.h): the same functions, by llama.cpp's AVX2 techniques. The AVX-512 build
+without AVX512_BF16 has no bf16 GEMV (`Kernels.has_bf16` is False: oneDNN's matmul runs); the
+AVX2 one has one (bf16 to float by a shift). Where the CPU has neither AVX-512 VNNI nor AVX2 with
+FMA, no compiler is found, or the build fails, `kernels()` returns None: the quantized modules keep
+torch's own int kernels, and bf16 products torch's matmul. AMX needs no kernel of its own here:
+prefill expands the weights and calls oneDNN, which uses AMX where the CPU has it (the AVX-512
+builds; the AVX2 one keeps its integer kernel for any number of tokens, NEVER_EXPAND). ERNIE_NATIVE=0
+turns it all off.
 """
 
 from __future__ import annotations
@@ -32,16 +36,29 @@ import torch
 from ernie_cli.cachedir import cache_dir
 
 SOURCE = Path(__file__).with_name("int_kernels.c")
+
+
+def sources() -> list[Path]:
+    """Every file the build reads: the C file and the headers beside it (the build's key hashes them all)."""
+    return [SOURCE, *sorted(SOURCE.parent.glob("*.h"))]
+
+
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11", "-mtune=native"]
 # (name, /proc/cpuinfo flags needed, compiler flags), best first.
 FEATURE_SETS = (
     ("avx512-vnni-bf16", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"),
      ["-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16"]),
     ("avx512-vnni", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"), ["-march=x86-64-v4", "-mavx512vnni"]),
+    ("avx2", ("avx2", "fma"), ["-mavx2", "-mfma"]),
 )
 # From this many tokens a product expands the weight to floats and calls torch's matmul instead
 # (Kernels.dequantize): the measured crossover on the 2-core Xeon with AMX (benchmarks/cpu_prefill_kernels.py).
 PREFILL_TOKENS = 32
+# Feature sets whose builds never expand (Kernels.prefill_tokens None): on the 2-core Zen 3 (AVX2, no
+# bf16 hardware) torch's bf16 matmul of the expanded weight took 5-9x the integer kernel's time from 8
+# to 512 tokens, and a float32 expansion with torch's float32 matmul was slower up to 64 tokens and
+# from 3% faster to 36% slower at 512.
+NEVER_EXPAND = ("avx2",)
 BF16 = torch.bfloat16
 BLOCK = 64  # activation block of the kernels: K must be a multiple of it
 MAX_IN_FEATURES = 65536  # MAX_BLOCKS * BLOCK in the C file
@@ -89,8 +106,10 @@ def build(compiler: str, target: Path, cflags: list[str]) -> None:
 class Kernels:
     """ctypes entry points of the compiled library."""
 
-    def __init__(self, lib: ctypes.CDLL):
+    def __init__(self, lib: ctypes.CDLL, feature_set: str = ""):
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.feature_set = feature_set
+        self.prefill_tokens = None if feature_set in NEVER_EXPAND else PREFILL_TOKENS
         self.q4 = lib.ernie_q4_matmul
         self.q4.argtypes = [p, p, p, p, i64, p, i32, i64, p, i32, i64, i64, i64, i64]
         self.q4.restype = ctypes.c_int
@@ -100,7 +119,7 @@ class Kernels:
         self.deq = lib.ernie_dequantize
         self.deq.argtypes = [i32, p, p, p, i64, i64, i64, i64, p, i32]
         self.deq.restype = None
-        self.has_bf16 = bool(lib.ernie_has_bf16())
+        self.has_bf16 = bool(lib.ernie_has_bf16())  # whether this build has a bf16 GEMV
         self.bf16 = lib.ernie_bf16_gemv
         self.bf16.argtypes = [p, p, i64, p, i64, p, i32, i64, i64]
         self.bf16.restype = ctypes.c_int
@@ -132,7 +151,7 @@ class Kernels:
         """One token against bf16 weights: x bf16 [K] (or [P, K] with per_expert_x) -> [P, N] (P = 1
         without experts) in out_dtype (default bf16: one rounding of the float32 sum).
 
-        weight bf16 [(E,) N, K], contiguous. Needs has_bf16."""
+        weight bf16 [(E,) N, K], contiguous. Needs has_bf16 (this build has a bf16 GEMV)."""
         self._follow_threads()
         n, k = weight.shape[-2], weight.shape[-1]
         assert weight.dtype == BF16 and weight.is_contiguous() and x.dtype == BF16 and x.is_contiguous() and x.shape[-1] == k
@@ -143,8 +162,13 @@ class Kernels:
         rc = self.bf16(weight.data_ptr(), None if experts is None else experts.data_ptr(), p_count, x.data_ptr(),
                        k if per_expert_x else 0, out.data_ptr(), out_dtype == BF16, n, k)
         if rc != 0:
-            raise RuntimeError("the native kernels were built without AVX512_BF16")
+            raise RuntimeError("this build of the native kernels has no bf16 GEMV (AVX-512 without AVX512_BF16)")
         return out
+
+    def expands(self, tokens: int) -> bool:
+        """Whether a product of this many tokens expands the weight (dequantize, then torch's matmul)
+        rather than running the integer kernel."""
+        return self.prefill_tokens is not None and tokens >= self.prefill_tokens
 
     def dequantize(self, bits, qweight, scales, zeros, group_size, expert, dtype):
         """Expert `expert` (an int; 0 for a plain matrix) of the disk layout -> float32/bf16 [N, K].
@@ -200,12 +224,13 @@ def kernels() -> Kernels | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + cflags + [compiler, model]).encode()).hexdigest()[:16]
+    text = b"".join(path.name.encode() + b"\0" + path.read_bytes() for path in sources())
+    key = hashlib.sha256(text + " ".join(FLAGS + cflags + [compiler, model]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"ernie_cpu_kernels_{name}_{key}.so"
     try:
         if not target.exists():
             build(compiler, target, cflags)
-        return Kernels(ctypes.CDLL(str(target)))
+        return Kernels(ctypes.CDLL(str(target)), name)
     except (OSError, subprocess.SubprocessError):
         return None
 
