@@ -94,8 +94,9 @@ def run_level(url: str, concurrency: int, rounds: int, p: int, n: int, vocab: in
             "itl_p50_ms": 1000 * percentile(itl, 50), "itl_p99_ms": 1000 * percentile(itl, 99)}
 
 
-def serve_random(args) -> tuple[str, int, str]:
-    """Random weights of --config served in-process on a free loopback port: (url, vocab, what)."""
+def serve_random(args) -> tuple[str, int, str, object]:
+    """Random weights of --config served in-process on a free loopback port: (url, vocab, what,
+    state). The caller runs state.scheduler on its main thread, as `ernie serve` does."""
     import torch
 
     from ernie_cli.model.config import parse_config
@@ -120,13 +121,13 @@ def serve_random(args) -> tuple[str, int, str]:
     opts = server.Options(name, Path("."), max_batch=max(args.concurrency), max_context=args.prompt + args.gen + 16,
                           max_queue=4 * max(args.concurrency))
     state = server.make_state(model, tokenizer, opts, frozenset({name}), {}, frozenset({tokenizer.eos_token_id}))
-    state.scheduler.start()
     sock = server.listen("127.0.0.1", 0)
     uv = server.uvicorn_server(state)
-    threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    server.serve_in_thread(uv, state.scheduler, sock)
     while not uv.started:
         time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", cfg.vocab_size, f"{name}, torch threads {torch.get_num_threads()}"
+    what = f"{name}, torch threads {torch.get_num_threads()}"
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", cfg.vocab_size, what, state
 
 
 def main() -> None:
@@ -153,11 +154,26 @@ def main() -> None:
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
         conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {args.api_key}"} if args.api_key else {})
         what = json.loads(conn.getresponse().read())["data"][0]["id"]
-        vocab = 100_000
+        vocab, state = 100_000, None
     else:
-        url, vocab, what = serve_random(args)
-    stream_one(url, [1000] * args.prompt, args.warmup, args.api_key)
-    rows = [run_level(url, c, args.rounds, args.prompt, args.gen, vocab, args.api_key) for c in args.concurrency]
+        url, vocab, what, state = serve_random(args)
+    rows = []
+
+    def levels() -> None:
+        try:
+            stream_one(url, [1000] * args.prompt, args.warmup, args.api_key)
+            rows.extend(run_level(url, c, args.rounds, args.prompt, args.gen, vocab, args.api_key) for c in args.concurrency)
+        finally:
+            if state is not None:
+                state.scheduler.stop(0)
+
+    if state is None:
+        levels()
+    else:  # the clients on a thread, the engine on the main one
+        clients = threading.Thread(target=levels)
+        clients.start()
+        state.scheduler.run()
+        clients.join()
     base = next((r["tok_s"] for r in rows if r["concurrency"] == 1), None)
     print(f"{what}; prompt {args.prompt}, {args.gen} new tokens per request, {args.rounds} round(s)\n")
     print("| concurrency | requests | aggregate tok/s | vs 1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")
