@@ -188,34 +188,3 @@ def test_non_finite_logits_end_the_request_with_an_error(runtime):
         norm.copy_(saved)
     assert [u.error is not None for u in got] == [True] and "not finite" in got[0].error
     assert not scheduler.running and len(scheduler.engine.free) * BLOCK == scheduler.engine.tokens
-
-
-def test_quiet_steps_wait_for_the_handler_before_the_next_step(runtime):
-    """With quiet_steps a step returns only after the web side has taken what it posted: the
-    handler here takes its updates on another thread, after a delay, and every step must find the
-    previous step's updates already handled."""
-    import threading
-
-    scheduler = Scheduler(BatchDecoder(runtime.model, 8192, 1024), 8, 1000, quiet_steps=True)
-    posted, handled, seen_at_step = [], [], []
-
-    def post(updates):
-        posted.append(updates)
-
-    def handle_later(fn):
-        def run():
-            handled.append(len(posted))
-            fn()
-        threading.Timer(0.01, run).start()
-
-    job = Job(post, handle_later)
-    seq = Sequence(runtime.tokenizer.encode(PROMPTS[0]), 5, SamplingParams(temperature=0))
-    job.add(seq, runtime.tokenizer, [], completion.stop_token_ids(runtime))
-    scheduler.submit(job)
-    for _ in range(6):
-        if not scheduler.running and not scheduler.waiting:
-            break
-        seen_at_step.append(len(handled))
-        scheduler.step()
-    assert len(posted) == 5 and handled == [1, 2, 3, 4, 5]
-    assert seen_at_step == list(range(len(seen_at_step)))  # step i began after i handlings

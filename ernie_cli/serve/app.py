@@ -107,8 +107,8 @@ def _encode(state: ServeState, prompt, most: int) -> Prompt:
     return Prompt(ids, text, offsets)
 
 
-def _job(state: ServeState, params: CompletionParams, prompts: list[Prompt], post, handled=None) -> Job:
-    job = Job(post, handled)
+def _job(state: ServeState, params: CompletionParams, prompts: list[Prompt], post) -> Job:
+    job = Job(post)
     sampling = {**state.sampling_defaults, **params.sampling}
     for prompt in prompts:
         max_new = min(params.max_tokens, state.context - len(prompt.ids))
@@ -190,7 +190,7 @@ class Run:
         self.state, self.params, self.prompts = state, params, prompts
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.job = _job(state, params, prompts, self._post, self._handled)
+        self.job = _job(state, params, prompts, self._post)
         names = TokenNames(state.tokenizer, params.tokens_as_ids)
         self.builders = [ChoiceBuilder(c.index, prompts[c.index // params.n], params, names) for c in self.job.choices]
         self.id, self.created = protocol.new_id(), protocol.now()
@@ -198,11 +198,6 @@ class Run:
 
     def _post(self, updates: list[Update]) -> None:  # the scheduler's thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, updates)
-
-    def _handled(self, fn) -> None:  # the scheduler's thread
-        # The put above wakes the handler's task in the loop's next round; fn is queued behind it
-        # there, so it runs once the handler has sent its chunk and waits for the next.
-        self.loop.call_soon_threadsafe(self.loop.call_soon, fn)
 
     def cancel(self) -> None:
         if self.left:

@@ -61,12 +61,10 @@ class Choice:
 
 
 class Job:
-    """One request's choices and its way back to the handler (`post(updates)`, thread-safe).
+    """One request's choices and its way back to the handler (`post(updates)`, thread-safe)."""
 
-    handled(fn), where given, calls fn once the handler has taken everything posted before."""
-
-    def __init__(self, post: Callable[[list[Update]], None], handled: Callable[[Callable[[], None]], None] | None = None):
-        self.post, self.handled = post, handled
+    def __init__(self, post: Callable[[list[Update]], None]):
+        self.post = post
         self.choices: list[Choice] = []
         self.cancelled = False
         self.submitted = time.monotonic()
@@ -78,19 +76,9 @@ class Job:
         self.cancelled = True
 
 
-# The longest a step waits for the web side to send what the last one made (quiet_steps).
-SETTLE_S = 0.05
-
-
 class Scheduler:
-    """quiet_steps: let the handlers send each step's updates before the next step starts. On the
-    CPU the step's threads take every core; a handler woken mid-step takes one of them, and every
-    thread of the step then waits for the one that lost its core (docs/performance.md)."""
-
-    def __init__(self, engine: BatchDecoder, max_batch: int, max_queue: int, on_step: Callable[[int], None] | None = None,
-                 quiet_steps: bool = False):
+    def __init__(self, engine: BatchDecoder, max_batch: int, max_queue: int, on_step: Callable[[int], None] | None = None):
         self.engine, self.max_batch, self.max_queue = engine, max_batch, max_queue
-        self.quiet_steps = quiet_steps
         self.on_step = on_step  # called with the batch size of each step (tests, statistics)
         self.waiting: deque[Choice] = deque()
         self.running: list[Choice] = []
@@ -176,22 +164,10 @@ class Scheduler:
                 by_job.setdefault(choice.job, []).append(update)
         for job, updates in by_job.items():
             job.post(updates)
-        if self.quiet_steps:
-            self._wait_handled(by_job)
         self.running = [c for c in self.running if not c.finished]
         if self.on_step is not None:
             self.on_step(size)
         return size
-
-    @staticmethod
-    def _wait_handled(jobs) -> None:
-        """Until the handlers have taken what was just posted (all jobs share the web side's one loop)."""
-        job = next((j for j in jobs if j.handled is not None), None)
-        if job is None:
-            return
-        done = threading.Event()
-        job.handled(done.set)
-        done.wait(SETTLE_S)
 
     def _advance(self, choice: Choice, out) -> Update | None:
         seq = choice.seq

@@ -116,7 +116,7 @@ def make_state(model, tokenizer, opts: Options, names: frozenset[str], generatio
          f"up to {opts.max_batch} sequences at once, {context:,} tokens each at most", opts.quiet)
     defaults = {k: v for k, v in generation_defaults.items() if k in ("temperature", "top_k", "top_p", "min_p",
                 "repetition_penalty", "presence_penalty", "frequency_penalty")}
-    return ServeState(Scheduler(engine, opts.max_batch, opts.max_queue, quiet_steps=model.device.type == "cpu"), tokenizer, cfg.vocab_size, opts.model, names,
+    return ServeState(Scheduler(engine, opts.max_batch, opts.max_queue), tokenizer, cfg.vocab_size, opts.model, names,
                       context, stop_ids, defaults, opts.api_key)
 
 
