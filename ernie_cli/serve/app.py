@@ -196,7 +196,7 @@ class Run:
         self.id, self.created = protocol.new_id(), protocol.now()
         self.left = len(self.builders)
 
-    def _post(self, updates: list[Update]) -> None:  # the scheduler's thread
+    def _post(self, updates: list[Update]) -> None:  # the engine's thread
         self.loop.call_soon_threadsafe(self.queue.put_nowait, updates)
 
     def cancel(self) -> None:

@@ -85,7 +85,6 @@ class Scheduler:
         self.lock = threading.Condition()
         self.accepting = True
         self.abort_at: float | None = None  # once shutting down: when the rest is aborted
-        self.thread: threading.Thread | None = None
 
     # ---- the web side ---------------------------------------------------------------------------------
 
@@ -102,20 +101,12 @@ class Scheduler:
         with self.lock:
             self.lock.notify()
 
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="ernie-scheduler", daemon=True)
-        self.thread.start()
-
     def stop(self, grace: float) -> None:
         """Take no more requests; let those in flight finish for `grace` seconds, then abort them."""
         with self.lock:
             self.accepting = False
             self.abort_at = time.monotonic() + grace
             self.lock.notify()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self.thread is not None:
-            self.thread.join(timeout)
 
     # ---- the engine's thread ------------------------------------------------------------------------
 

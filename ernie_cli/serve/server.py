@@ -2,9 +2,8 @@
 left, listen, run the engine, and stop cleanly on SIGTERM or Ctrl-C.
 
 The engine (the scheduler's loop) runs on the main thread and the web side on another: on the CPU a
-batch-4 step of the 3-layer int4 model took 113-176 ms driven from a second thread against 58-72 ms
-from the main one (docs/performance.md), the OpenMP thread teams of torch and of the native kernels
-being the main thread's.
+batch-4 step of the 3-layer int4 model took 107-138 ms driven from a second thread against 55-81 ms
+from the main one (benchmarks/serve_engine_step.py --compare-thread, docs/performance.md).
 
 Stopping: the first SIGTERM or Ctrl-C closes the listening socket, answers new requests on open
 connections with 503, lets the requests in flight run for GRACE_S seconds and then ends them with
