@@ -108,7 +108,6 @@ class Kernels:
 
     def __init__(self, lib: ctypes.CDLL, feature_set: str = ""):
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self.feature_set = feature_set
         self.prefill_tokens = None if feature_set in NEVER_EXPAND else PREFILL_TOKENS
         self.q4 = lib.ernie_q4_matmul
         self.q4.argtypes = [p, p, p, p, i64, p, i32, i64, p, i32, i64, i64, i64, i64]
