@@ -1,9 +1,10 @@
-"""Where one compiled decode step's time goes on CUDA: every kernel of the captured graph, grouped.
+"""Where one decode step's time goes on CUDA: every kernel of the captured graph, grouped.
 
 Usage (GPU machine): python benchmarks/gpu_profile.py CONFIG [--layers N] [--quantize int8|int4] [--steps 20]
+                                                         [--mode compile|graph]
 
-Builds the model with random weights on the GPU, compiles the decode step as `ernie bench --compile on`
-does, times `--steps` steps (median of CUDA-event times), then records them with torch.profiler (CUPTI
+Builds the model with random weights on the GPU, makes the decode step as `ernie bench --compile on`
+(Inductor, the default) or `ernie complete` (graph: captured from the eager code) does, times `--steps` steps (median of CUDA-event times), then records them with torch.profiler (CUPTI
 reports the kernels inside CUDA-graph replays) and prints, per step: each kernel's count and time,
 kernel time by kind, and the gap between the step's wall time and the sum of its kernels (launch and
 idle time between kernels, which is what fusing kernels wins back).
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--quantize", choices=("int8", "int4"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--mode", choices=("compile", "graph"), default="compile")
     args = ap.parse_args()
 
     cfg = parse_config(json.loads(open(args.config).read()))
@@ -64,7 +66,7 @@ def main() -> None:
         model = quantize_in_place(model, QuantSpec.make(args.quantize))
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    decoder = Decoder(prepare_for_decoding(model, "compile"), "compile")
+    decoder = Decoder(prepare_for_decoding(model, args.mode), args.mode)
     cache = decoder.reserve(512)
     tok = torch.tensor([[1000]], device="cuda")
     with torch.inference_mode():
@@ -73,7 +75,7 @@ def main() -> None:
             decoder(tok, p)
         torch.cuda.synchronize()
         t3 = time.perf_counter()
-        print(f"build {t1 - t0:.1f} s, quantize {t2 - t1:.1f} s, compile and warm-up {t3 - t2:.1f} s", flush=True)
+        print(f"build {t1 - t0:.1f} s, quantize {t2 - t1:.1f} s, {args.mode} and warm-up {t3 - t2:.1f} s", flush=True)
         times = []
         for p in range(8, 8 + args.steps):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -101,7 +103,7 @@ def main() -> None:
         by_kind[kind_of(name)][0] += us
         by_kind[kind_of(name)][1] += count
 
-    label = f"{cfg.num_hidden_layers} layers, {args.quantize or 'bf16'}"
+    label = f"{cfg.num_hidden_layers} layers, {args.quantize or 'bf16'}, step mode {args.mode}"
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, {label}")
     print(f"\nTop kernels per decode step (of {len(rows)} distinct):")
     print("| kernel | per step | µs per step | µs each |")

@@ -119,6 +119,52 @@ def test_dp4a_kernel_forms_silu_gate_times_up_itself(fmt, group, n, k, monkeypat
         assert ((y[p] - as_codes).abs() <= 2 * (we.abs() * step).amax(1) + summing).all()
 
 
+@pytest.mark.parametrize("dtype, rounding", [(torch.float32, 0.0), (torch.bfloat16, 2.0**-8)])
+@pytest.mark.parametrize("n, k", [(200, 392), (256, 1536)])
+def test_float_kernel_forms_silu_gate_times_up_itself(dtype, rounding, n, k):
+    """The float weights' down product with swiglu=True (the captured decode step): the input
+    silu(gate) * up is formed in float32 while loading, never rounded, so the float64 product of the
+    exact silu(gate) * up bounds it as the plain product is bounded."""
+    args, w = _weights("float", (6, n, k), 0, seed=7)
+    if dtype == torch.float32:
+        args["weight"] = args["weight"].float()
+    experts = torch.tensor([2, 5, 2], device="cuda")
+    gu = torch.randn(3, 2 * k, generator=torch.Generator().manual_seed(8)).to(dtype)
+    y = gpu_gemv.gemv("float", gu.cuda(), experts=experts, per_expert_x=True, swiglu=True, **args)
+    assert y.dtype == dtype
+    for p, e in enumerate(experts.tolist()):
+        gate, up = gu[p].double().chunk(2)
+        x = torch.nn.functional.silu(gate) * up
+        _assert_close(y[p], x @ w[e].T, x, w[e], rounding)
+
+
+def test_float32_weight_gives_float32_output_from_bf16_x():
+    """The router's logits in the captured step: a float32 [E, H] weight against a bf16 token, out in
+    float32 (out_dtype), within float32 summation of the float64 product (no bf16 rounding)."""
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(64, 2560, generator=gen)
+    x = torch.randn(2560, generator=gen).to(torch.bfloat16)
+    y = gpu_gemv.gemv("float", x.cuda(), w.cuda(), block=(4, 512), out_dtype=torch.float32)
+    assert y.dtype == torch.float32 and y.shape == (1, 64)
+    _assert_close(y[0], x.double() @ w.double().T, x, w.double(), 0.0)
+
+
+@pytest.mark.parametrize("p, h", [(8, 2560), (3, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_sum_of_expert_outputs_against_float64(p, h, dtype):
+    """elementwise.weighted_sum: sum_p w_p y_p in float32, rounded once to the output dtype."""
+    from ernie_cli.kernels.triton import elementwise
+
+    gen = torch.Generator().manual_seed(p)
+    y, w = torch.randn(p, h, generator=gen).to(dtype), torch.rand(p, generator=gen).to(dtype)
+    out = elementwise.weighted_sum(y.cuda(), w.cuda(), dtype)
+    ref = (w.double()[:, None] * y.double()).sum(0)
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 0.0
+    bound = 1e-6 * (w.double().abs()[:, None] * y.double().abs()).sum(0) + rounding * ref.abs() + 1e-7
+    assert out.shape == (1, h) and out.dtype == dtype
+    assert ((out[0].double().cpu() - ref).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("experts, k, always", [(64, 6, 0), (64, 6, 2), (8, 2, 0), (5, 3, 1)])
 def test_router_kernel_picks_and_weighs_like_torch(experts, k, always):
     """gpu_router against the float32 torch arithmetic of model.Router: the same experts in the same

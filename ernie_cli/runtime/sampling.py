@@ -73,13 +73,17 @@ class Sampler:
         # Counts of tokens seen so far: prompt (for the repetition penalty) and output (presence/frequency).
         self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        self._one = torch.ones(1, dtype=torch.float32, device=device)
 
     def observe_prompt(self, ids: torch.Tensor) -> None:
         self.seen[ids] = True
 
     def observe(self, token: torch.Tensor) -> None:
-        self.seen[token] = True
-        self.output_counts[token] += 1
+        # By a one-element index, never a 0-d one: torch reads a 0-d index back to the host, which
+        # on CUDA made every token wait there for the step before the next step could be queued.
+        at = token.reshape(1)
+        self.seen.index_fill_(0, at, True)
+        self.output_counts.index_add_(0, at, self._one)
 
     def penalise(self, logits: torch.Tensor) -> torch.Tensor:
         import torch

@@ -1,10 +1,11 @@
-"""RMSNorm and the interleaved RoPE as one Triton kernel each, for eager steps on CUDA (prefill, and
-decode with --compile off).
+"""RMSNorm, the interleaved RoPE and the weighted sum of a token's expert outputs as one Triton
+kernel each, for eager steps on CUDA (prefill, and the decode step captured from the eager code).
 
 Why: written in torch, RMSNorm is eight kernels and RoPE eight per tensor, about 32 of the ~80
 launches of a layer's eager forward. A 512-token prefill of the full model is then bound by
-Python queueing kernels, not by the GPU. In a compiled step Inductor fuses them itself, so these
-kernels are for eager code only.
+Python queueing kernels, not by the GPU. The weighted sum was four kernels of a few microseconds in
+every MoE layer of a decode step (two casts, the product, the cast back). In a compiled step
+Inductor fuses them itself, so these kernels are for eager code only.
 
 Same arithmetic as model.RMSNorm and model.apply_rope: float32 math, rounded to the activation dtype
 where torch rounds. RoPE keeps torch's three roundings (two products, one sum): the launch turns
@@ -52,6 +53,26 @@ if triton is not None:
         kind = out_ptr.dtype.element_ty
         tl.store(dst, (even * c_even + (-odd) * s_even).to(kind), mask=ok)
         tl.store(dst + 1, (odd * c_odd + even * s_odd).to(kind), mask=ok)
+
+
+    @triton.jit
+    def _weighted_sum(y_ptr, w_ptr, out_ptr, H, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+        cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        p = tl.arange(0, BLOCK_P)
+        ok = (p < P)[:, None] & (cols < H)[None, :]
+        y = tl.load(y_ptr + p[:, None] * H + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + p, mask=p < P, other=0.0).to(tl.float32)
+        tl.store(out_ptr + cols, tl.sum(y * w[:, None], 0).to(out_ptr.dtype.element_ty), mask=cols < H)
+
+
+def weighted_sum(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One token's expert outputs y [P, H] weighed by w [P] and summed in float32 -> [1, H] in dtype."""
+    p, h = y.shape
+    y, w = y.contiguous(), w.contiguous()
+    out = torch.empty((1, h), dtype=dtype, device=y.device)
+    block = 512  # 5 programs for H = 2,560: the sum is a few microseconds at most, its launch the cost
+    _weighted_sum[(triton.cdiv(h, block),)](y, w, out, h, P=p, BLOCK_P=triton.next_power_of_2(p), BLOCK=block)
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

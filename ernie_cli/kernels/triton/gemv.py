@@ -37,8 +37,8 @@ FORMATS = {"float": 0, "int8": 1, "int4": 2}  # float: the weight's own dtype (b
 # four products at a time by the dp4a instruction (_gemv_dp4a): full-model int4 decode 320 -> 450 tok/s,
 # int8 412 -> 421 (docs/performance.md). Tests set it False to check the float kernels on int weights.
 DP4A = True
-# The routed experts' down product forms silu(gate) * up while loading x, saving a kernel and a write
-# (8-layer int4 decode +1.8%).
+# The routed experts' down product forms silu(gate) * up while loading x, saving the kernels that
+# would write it (8-layer int4 decode +1.8%; in the captured bf16 step, two kernels a layer).
 SWIGLU_IN_DOWN = True
 # The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
 _EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -210,7 +210,7 @@ if triton is not None:
     def _gemv(
         x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
         N, K, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
-        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr,
+        FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr, SWIGLU: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         slot, rows, row_ok = _program_rows(N, BLOCK_N)
@@ -256,6 +256,9 @@ if triton is not None:
                 else:
                     w = w.to(tl.float32)
                 x = tl.load(x_base + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
+                if SWIGLU:  # x holds gate then up, as in _gemv_dp4a
+                    up = tl.load(x_base + K + k0 + cols, mask=(k0 + cols) < K, other=0.0).to(tl.float32)
+                    x = x * tl.sigmoid(x) * up
                 acc2 += w * x[None, :]
             y = tl.sum(acc2, 1)
             if FMT == 1:
@@ -265,13 +268,14 @@ if triton is not None:
 
 def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=None, group_size: int = 64,
          experts: torch.Tensor | None = None, per_expert_x: bool = False,
-         block: tuple[int, int] | None = None, swiglu: bool = False) -> torch.Tensor:
+         block: tuple[int, int] | None = None, swiglu: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One token: x [K] (or [P, K] with per_expert_x) against weight [N, K] or the experts `experts`
-    [P] of a stack [E, N, K] (int4: [.., N, K/2]) -> [P, N] in x's dtype (P = 1 without experts).
+    [P] of a stack [E, N, K] (int4: [.., N, K/2]) -> [P, N] in out_dtype (default x's dtype; P = 1
+    without experts).
 
-    swiglu: x is [.., 2K], gate then up, and the product's input is silu(gate) * up. The dp4a kernel
-    forms it while loading x (a decode step saves the kernel that would write it); the other kernels
-    get it from torch ops first.
+    swiglu: x is [.., 2K], gate then up, and the product's input is silu(gate) * up, formed while
+    loading x (a decode step saves the two kernels that would write it). The int4 float kernel
+    (DP4A off) gets it from torch ops first.
 
     int4 needs a group size of 32, 64 or 128 (takes() checks);
     int8 and int4 go through the dp4a kernel where uses_dp4a() says so, else through the float kernels.
@@ -279,11 +283,11 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     x = x.contiguous()
     n = weight.shape[-2]
     k = x.shape[-1] // 2 if swiglu else x.shape[-1]
-    if swiglu and not (SWIGLU_IN_DOWN and uses_dp4a(fmt, k)):
+    if swiglu and not (SWIGLU_IN_DOWN and (uses_dp4a(fmt, k) or fmt != "int4")):
         gate, up = x.chunk(2, dim=-1)
         x, swiglu = (torch.nn.functional.silu(gate) * up).contiguous(), False
     p = 1 if experts is None else experts.numel()
-    out = torch.empty((p, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((p, n), dtype=out_dtype or x.dtype, device=x.device)
     stacked = weight.dim() == 3
     w_stride = weight.stride(0) if stacked else 0
     s_stride = scales.stride(0) if (stacked and scales is not None) else 0
@@ -305,9 +309,9 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
         return out
     kernel, fixed = (_gemv, {}) if block is None else (_gemv.fn, {"BLOCK_N": block[0], "BLOCK_K": block[1]})
     kernel[grid](
-        x, k if per_expert_x else 0, experts if experts is not None else dummy, weight,
+        x, x.shape[-1] if per_expert_x else 0, experts if experts is not None else dummy, weight,
         scales if scales is not None else dummy, zeros if zeros is not None else dummy, out,
         n, k, p, w_stride, s_stride, weight.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
-        FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, **fixed,
+        FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, SWIGLU=swiglu, **fixed,
     )
     return out
