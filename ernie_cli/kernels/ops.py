@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ernie_cli.kernels import quantized
-from ernie_cli.kernels.cpu import native
+from ernie_cli.kernels.cpu import native, widened
 from ernie_cli.kernels.quantized import QuantWeight
 from ernie_cli.kernels.triton import attention as triton_attention
 from ernie_cli.kernels.triton import elementwise as triton_elementwise
@@ -123,6 +123,8 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
         y = triton_gemv.gemv("float", flat[0], weight)
     elif _native_bf16(flat, weight):
         y = native.kernels().bf16_gemv(weight, flat[0].contiguous())
+    elif widened.takes(flat, weight):
+        y = widened.linear(flat, weight)
     else:
         return F.linear(x, weight, bias)
     y = y.view(*x.shape[:-1], -1)
@@ -345,6 +347,8 @@ def uses_grouped_mm(x: torch.Tensor, gate_up, down) -> bool:
 def _expert_product(h: torch.Tensor, w, e) -> torch.Tensor:
     if isinstance(w, QuantWeight):
         return quantized.matmul(w, h, e, gpu_dequant=_eager_triton(h))
+    if widened.takes(h, w):
+        return widened.linear(h, w[e])
     return F.linear(h, w[e])
 
 
