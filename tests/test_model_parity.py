@@ -216,9 +216,9 @@ def test_router_logits_as_a_sum_in_the_compiled_step_match_transformers(checkpoi
 @pytest.mark.parametrize("dtype, eps", [(torch.float32, 1e-6), (torch.bfloat16, 2.0**-8)])
 def test_selected_experts_are_weighed_and_added_once_rounded(dtype, eps):
     """run_selected, the one-token expert path of the CUDA decode graph and the native CPU kernels,
-    adds a token's 8 weighed expert outputs one by one in float32 (so that Inductor can fold them into
-    the next norm's kernel) and rounds once: float64 of the same outputs and weights, within the
-    output dtype's rounding."""
+    weighs and adds a token's 8 expert outputs in float32 (one product eagerly; one addition at a
+    time when compiled, so that Inductor can fold them into the next norm's kernel) and rounds once:
+    float64 of the same outputs and weights, within the output dtype's rounding."""
     from ernie_cli.kernels.ops import run_selected
 
     gen = torch.Generator().manual_seed(5)

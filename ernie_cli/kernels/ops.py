@@ -417,6 +417,10 @@ def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate
         # kernels of a few microseconds each, which Inductor fuses but an eager step pays.
         return triton_elementwise.weighted_sum(y, weights[0], x.dtype)
     y, w = y.float(), weights[0].float()
+    if not _compiling():
+        # Eagerly on the CPU one product: the additions below are some twenty torch calls, at about
+        # 10 µs of Python each on a small CPU (a token's decode layer is a few ms).
+        return (w @ y)[None].to(x.dtype)
     # k - 1 additions, not a sum over slots: Inductor turns a reduction into pointwise code only
     # below 8 items, and with the shared experts in the stack a token takes 8; as additions the sum
     # joins the kernel of the residual add and the next norm instead of being a kernel of its own.
