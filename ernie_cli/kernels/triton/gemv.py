@@ -283,7 +283,8 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
     x = x.contiguous()
     n = weight.shape[-2]
     k = x.shape[-1] // 2 if swiglu else x.shape[-1]
-    if swiglu and not (SWIGLU_IN_DOWN and (uses_dp4a(fmt, k) or fmt != "int4")):
+    forms_swiglu = SWIGLU_IN_DOWN and (fmt != "int4" or uses_dp4a(fmt, k))  # not the byte-wise int4 kernel
+    if swiglu and not forms_swiglu:
         gate, up = x.chunk(2, dim=-1)
         x, swiglu = (torch.nn.functional.silu(gate) * up).contiguous(), False
     p = 1 if experts is None else experts.numel()
