@@ -73,12 +73,24 @@ def _native_bf16(x: torch.Tensor, w) -> bool:
     return kern is not None and kern.has_bf16
 
 
+def _native_small(x: torch.Tensor):
+    """The native kernels, where bf16 work on the CPU runs eagerly and they built; else None. Their
+    one-call norm, attention and router replace torch calls that cost a bf16 decode step about a
+    millisecond a layer (docs/performance.md)."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or _compiling() or not native_enabled():
+        return None
+    return native.kernels()
+
+
 # ---- §2.2 RMSNorm -------------------------------------------------------------------------------------
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _eager_triton(x):
         return triton_elementwise.rms_norm(x, weight, eps)
+    kern = _native_small(x)
+    if kern is not None and weight.dtype == torch.bfloat16 and weight.is_contiguous():
+        return kern.rms_norm(x.contiguous(), weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)  # weight applied after the cast back, as transformers does
@@ -165,6 +177,11 @@ def attention(q, k, v, cache_k, cache_v, cos, sin, start, scale: float) -> torch
         mask = (torch.arange(cache_k.shape[2], device=q.device) <= start)[None, :]
         out = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(b, t, -1)
+    kern = _native_small(q) if b == t == 1 else None
+    if kern is not None and cache_k.dtype == torch.bfloat16 and cache_k.is_contiguous() and cache_v.is_contiguous() and q.shape[-1] <= 1024:
+        out = kern.decode_attention(q[0, 0].contiguous(), k[0, 0].contiguous(), v[0, 0].contiguous(), cache_k[0], cache_v[0],
+                                    cos[0].contiguous(), sin[0].contiguous(), start, scale)
+        return out.view(1, 1, -1)
     q, k = rope(q, cos, sin).transpose(1, 2), rope(k, cos, sin).transpose(1, 2)
     end = start + t
     cache_k[:, :, start:end] = k
@@ -243,6 +260,9 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
           always: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 softmax router; the correction bias chooses experts but does not weigh them. `always`
     experts after the routed ones (the shared experts moved into the stack) are taken at weight 1."""
+    kern = _native_small(x) if x.shape[0] == 1 else None
+    if kern is not None and weight.shape[0] <= 1024 and weight.dtype == bias.dtype == torch.float32 and weight.is_contiguous():
+        return kern.route(x[0].contiguous(), weight, bias.contiguous(), top_k, norm_min, always)
     if logits_as_sum(x):
         logits = (x.float()[:, None, :] * weight).sum(-1)
     elif _eager_triton(x) and x.shape[0] == 1:

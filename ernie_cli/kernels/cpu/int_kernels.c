@@ -337,3 +337,145 @@ void ernie_dequantize(int bits, const void *w, const uint16_t *scales, const uin
             dequant_row8((const int8_t *)w + at * row_bytes, bf16_to_float(scales[at]), k, o, out_bf16);
     }
 }
+
+/* ---- one token's small operations: RMSNorm, RoPE with attention, the router ----------------------
+ *
+ * Why: around the products, a bf16 decode step on the CPU spent about a millisecond a layer in torch
+ * calls (dispatch and temporaries for a few thousand numbers each: two norms, RoPE on q and k, the
+ * cache write, the attention, the router's softmax and top-k). One call each here. Plain C that the
+ * compiler vectorizes, in float32 with double sums where torch sums many terms; bf16 results rounded
+ * to nearest even as torch rounds them. */
+
+static inline uint16_t float_to_bf16(float v) {
+    uint32_t bits;
+    memcpy(&bits, &v, 4);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* rows x n bf16 -> out, transformers' order: h = x * rsqrt(mean(x^2) + eps) in float32, rounded to
+ * bf16, then times the bf16 weight and rounded again. */
+void ernie_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t rows, int64_t n, float eps) {
+#pragma omp parallel for schedule(static) num_threads(rows > 1 ? team() : 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *xr = x + r * n;
+        double ss = 0.0;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < n; i++) {
+            float h = bf16_to_float(xr[i]);
+            ss += (double)(h * h);
+        }
+        float inv = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+        uint16_t *o = out + r * n;
+        for (int64_t i = 0; i < n; i++) {
+            float h = bf16_to_float(float_to_bf16(bf16_to_float(xr[i]) * inv));
+            o[i] = float_to_bf16(bf16_to_float(w[i]) * h);
+        }
+    }
+}
+
+/* Interleaved RoPE of one head of d values: pairs (x0, x1) -> (x0 c - x1 s, x1 c + x0 s), cos/sin
+ * given per element, float32 math, the result rounded to bf16 (returned as floats). */
+__attribute__((optimize("fp-contract=off"))) static void rope_head(const uint16_t *t, const float *c, const float *s,
+                                                                    int64_t d, float *out) {
+    for (int64_t i = 0; i < d; i += 2) {
+        float x0 = bf16_to_float(t[i]), x1 = bf16_to_float(t[i + 1]);
+        out[i] = bf16_to_float(float_to_bf16(x0 * c[i] + -x1 * s[i]));
+        out[i + 1] = bf16_to_float(float_to_bf16(x1 * c[i + 1] + x0 * s[i + 1]));
+    }
+}
+
+/* One new token of one sequence: RoPE on q [H, d] and k [KV, d] (position pos; cos/sin [d], that
+ * position's row), k and v written to the caches [KV, capacity, d] at pos, then each query head
+ * attends over positions 0..pos of its key/value head (head h reads KV head h / (H / KV)).
+ * out [H, d] bf16. Returns 0, or -1 where a score buffer could not be allocated. */
+int ernie_decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *cache_k,
+                                uint16_t *cache_v, int64_t capacity, const float *cos, const float *sin, int64_t pos,
+                                int64_t heads, int64_t kv_heads, int64_t d, float scale, uint16_t *out) {
+    if (d > 1024) return -1;
+    float rot[1024];
+    for (int64_t h = 0; h < kv_heads; h++) {
+        rope_head(k + h * d, cos, sin, d, rot);
+        uint16_t *ck = cache_k + (h * capacity + pos) * d, *cv = cache_v + (h * capacity + pos) * d;
+        for (int64_t i = 0; i < d; i++) {
+            ck[i] = float_to_bf16(rot[i]);
+            cv[i] = v[h * d + i];
+        }
+    }
+    int64_t group = heads / kv_heads, n = pos + 1;
+    int failed = 0;
+#pragma omp parallel num_threads(heads > 1 ? team() : 1) reduction(| : failed)
+    {
+        float *scores = malloc((size_t)n * sizeof(float));
+        float qh[1024], acc[1024];
+        if (!scores) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t h = 0; h < heads; h++) {
+            if (!scores) continue;
+            const uint16_t *keys = cache_k + (h / group) * capacity * d, *values = cache_v + (h / group) * capacity * d;
+            rope_head(q + h * d, cos, sin, d, qh);
+            float top = -INFINITY;
+            for (int64_t j = 0; j < n; j++) {
+                const uint16_t *kj = keys + j * d;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t i = 0; i < d; i++) dot += qh[i] * bf16_to_float(kj[i]);
+                scores[j] = dot * scale;
+                top = scores[j] > top ? scores[j] : top;
+            }
+            double total = 0.0;
+            for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
+            for (int64_t j = 0; j < n; j++) {
+                float p = expf(scores[j] - top);
+                total += p;
+                const uint16_t *vj = values + j * d;
+#pragma omp simd
+                for (int64_t i = 0; i < d; i++) acc[i] += p * bf16_to_float(vj[i]);
+            }
+            float inv = (float)(1.0 / total);
+            for (int64_t i = 0; i < d; i++) out[h * d + i] = float_to_bf16(acc[i] * inv);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+/* One token through the router: logits = W [E, H] (float32) @ x (bf16), softmax in float32, the
+ * top_k experts by probability + bias (ties to the lower id), weighed by their unbiased
+ * probabilities over max(their sum, norm_min), rounded to bf16; then `always` ids E, E+1, ... at
+ * weight 1. weights_out bf16 [top_k + always], idx_out [top_k + always]. */
+void ernie_route_bf16(const uint16_t *x, const float *w, const float *bias, int64_t e_count, int64_t h, int64_t top_k,
+                      float norm_min, int64_t always, uint16_t *weights_out, int64_t *idx_out) {
+    float probs[1024];
+    if (e_count > 1024 || top_k > e_count) return;
+    float top = -INFINITY;
+    for (int64_t e = 0; e < e_count; e++) {
+        const float *row = w + e * h;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < h; i++) dot += row[i] * bf16_to_float(x[i]);
+        probs[e] = dot;
+        top = dot > top ? dot : top;
+    }
+    double total = 0.0;
+    for (int64_t e = 0; e < e_count; e++) {
+        probs[e] = expf(probs[e] - top);
+        total += probs[e];
+    }
+    for (int64_t e = 0; e < e_count; e++) probs[e] = (float)(probs[e] / total);
+    unsigned char taken[1024] = {0};
+    float chosen = 0.0f;
+    for (int64_t s = 0; s < top_k; s++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < e_count; e++)
+            if (!taken[e] && (best < 0 || probs[e] + bias[e] > probs[best] + bias[best])) best = e;
+        taken[best] = 1;
+        idx_out[s] = best;
+        chosen += probs[best];
+    }
+    float denom = chosen > norm_min ? chosen : norm_min;
+    for (int64_t s = 0; s < top_k; s++) weights_out[s] = float_to_bf16(probs[idx_out[s]] / denom);
+    for (int64_t a = 0; a < always; a++) {
+        idx_out[top_k + a] = e_count + a;
+        weights_out[top_k + a] = float_to_bf16(1.0f);
+    }
+}

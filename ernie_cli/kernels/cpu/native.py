@@ -122,6 +122,16 @@ class Kernels:
         self.bf16 = lib.ernie_bf16_gemv
         self.bf16.argtypes = [p, p, i64, p, i64, p, i32, i64, i64]
         self.bf16.restype = ctypes.c_int
+        f32 = ctypes.c_float
+        self.norm = lib.ernie_rms_norm_bf16
+        self.norm.argtypes = [p, p, p, i64, i64, f32]
+        self.norm.restype = None
+        self.attend = lib.ernie_decode_attention_bf16
+        self.attend.argtypes = [p, p, p, p, p, i64, p, p, i64, i64, i64, i64, f32, p]
+        self.attend.restype = ctypes.c_int
+        self.router = lib.ernie_route_bf16
+        self.router.argtypes = [p, p, p, i64, i64, i64, f32, i64, p, p]
+        self.router.restype = None
         self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self._set_threads = lib.ernie_set_threads
         self._set_threads.argtypes = [i32]
@@ -163,6 +173,37 @@ class Kernels:
         if rc != 0:
             raise RuntimeError("this build of the native kernels has no bf16 GEMV (AVX-512 without AVX512_BF16)")
         return out
+
+    # One token's small operations (bf16): each one call where torch took several (ops.py decides).
+
+    def rms_norm(self, x, weight, eps: float):
+        """x bf16 [..., n] (contiguous), weight bf16 [n] -> bf16, in transformers' order of roundings."""
+        self._follow_threads()
+        out = torch.empty_like(x)
+        n = x.shape[-1]
+        self.norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
+        return out
+
+    def decode_attention(self, q, k, v, cache_k, cache_v, cos, sin, pos: int, scale: float):
+        """One token of one sequence: q [H, d], k/v [KV, d] bf16 (not rotated); cache_k/cache_v bf16
+        [KV, capacity, d], written at pos; cos/sin float32 [d], the row of pos -> out bf16 [H, d]."""
+        self._follow_threads()
+        heads, d = q.shape
+        out = torch.empty_like(q)
+        rc = self.attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), cache_k.shape[1],
+                         cos.data_ptr(), sin.data_ptr(), pos, heads, k.shape[0], d, scale, out.data_ptr())
+        if rc != 0:
+            raise MemoryError("the native attention could not allocate its score buffer")
+        return out
+
+    def route(self, x, weight, bias, top_k: int, norm_min: float, always: int):
+        """One token, x bf16 [H]; weight float32 [E, H], bias float32 [E] -> (weights bf16 [1, k],
+        ids int64 [1, k]) with k = top_k + always, as ops.route defines them."""
+        e, h = weight.shape
+        weights = torch.empty((1, top_k + always), dtype=BF16)
+        idx = torch.empty((1, top_k + always), dtype=torch.int64)
+        self.router(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), e, h, top_k, norm_min, always, weights.data_ptr(), idx.data_ptr())
+        return weights, idx
 
     def expands(self, tokens: int) -> bool:
         """Whether a product of this many tokens expands the weight (dequantize, then torch's matmul)
