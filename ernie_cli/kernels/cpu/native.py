@@ -1,4 +1,5 @@
-"""The native CPU kernels of int_kernels.c (int4/int8 products, a bf16 GEMV), compiled on first use.
+"""The native CPU kernels of int_kernels.c (int4/int8 products, a bf16 GEMV, and one bf16 token's
+RMSNorm, attention and router), compiled on first use.
 
 The C file is built once per feature set of the CPU (FEATURE_SETS: the first whose flags the CPU
 has) with the system's C compiler into the kernels folder of ernie's cache (ernie_cli.cachedir:
