@@ -20,6 +20,8 @@ import pytest
 import torch
 from tiny_models import load_reference, write_checkpoint
 
+from ernie_cli.errors import ErnieError
+
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8")
 ENV.pop("ERNIE_DEBUG", None)
@@ -551,3 +553,16 @@ def test_docs_pass_real_newlines_to_stop():
     text = open(os.path.join(ROOT, "docs", "complete.md"), encoding="utf-8").read()
     assert not re.search(r'--stop "[^"]*\\n', text)
     assert "--stop $'\\n\\n'" in text
+
+
+def test_a_short_argument_needs_no_byte_bound_and_a_long_one_is_refused_by_it(model_dir):
+    """max_token_bytes (a walk over the vocabulary) is skipped where no bound could bite: an argument
+    alone of at most 4 bytes a position; a longer one is still refused by its size, before encoding."""
+    from ernie_cli.text import prompt
+
+    short = prompt.prepare(model_dir, prompt.sources("The capital of France is", None, no_stdin=True), 64)
+    assert short.ids and "max_token_bytes" not in vars(short.tokenizer)
+    per_token = short.tokenizer.max_token_bytes  # as the long argument's bound will use it
+    long_text = "x" * (63 * per_token + 1)
+    with pytest.raises(ErnieError, match=f"over {63 * per_token:,} bytes"):
+        prompt.prepare(model_dir, prompt.sources(long_text, None, no_stdin=True), 64)
