@@ -261,7 +261,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
     """fp32 softmax router; the correction bias chooses experts but does not weigh them. `always`
     experts after the routed ones (the shared experts moved into the stack) are taken at weight 1."""
     kern = _native_small(x) if x.shape[0] == 1 else None
-    if kern is not None and weight.shape[0] <= 1024 and weight.dtype == bias.dtype == torch.float32 and weight.is_contiguous():
+    if kern is not None and top_k <= weight.shape[0] <= 1024 and weight.dtype == bias.dtype == torch.float32 and weight.is_contiguous():
         return kern.route(x[0].contiguous(), weight, bias.contiguous(), top_k, norm_min, always)
     if logits_as_sum(x):
         logits = (x.float()[:, None, :] * weight).sum(-1)
