@@ -10,6 +10,7 @@ by element, with 1e-5 of sum |x||w| for the float32 part.
 
 import pytest
 import torch
+from tiny_models import mean_kl, one_token_steps
 
 from ernie_cli.kernels import quantized
 from ernie_cli.kernels.cpu import native
@@ -294,31 +295,17 @@ def test_one_bf16_token_takes_the_native_kernel_and_many_take_torch(monkeypatch)
 def test_bf16_decode_with_the_native_kernel_stays_close_to_fp32(checkpoints, monkeypatch):
     """One-token bf16 steps (the native GEMV for every linear and the selected experts) against the
     float32 model's logits: as close as torch's bf16 matmuls get (their KL measured alike, same steps)."""
-    from ernie_cli.weights.loader import load_model
-
     path, _ = checkpoints("moe")
     ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(7))
-
-    def steps(dtype):
-        model = load_model(path, "cpu", dtype)
-        cache = model.new_cache(1, 32)
-        with torch.no_grad():
-            out = [model(ids[:, :8], 0, cache)[:, -1:]]
-            out += [model(ids[:, p : p + 1], p, cache) for p in range(8, 24)]
-        return torch.cat(out, 1).float()
-
-    def kl(p, q):
-        return torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean().item()
-
-    expected = steps(torch.float32)
+    expected = one_token_steps(path, ids, torch.float32)
     kern = native.kernels()
     calls = []
     real = kern.bf16_gemv
     monkeypatch.setattr(kern, "bf16_gemv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    ours = kl(expected, steps(torch.bfloat16))
+    ours = mean_kl(expected, one_token_steps(path, ids, torch.bfloat16))
     assert len(calls) > 16 * 4  # every step's linears and experts went through the kernel
     monkeypatch.setenv("ERNIE_NATIVE", "0")
-    torchs = kl(expected, steps(torch.bfloat16))
+    torchs = mean_kl(expected, one_token_steps(path, ids, torch.bfloat16))
     assert ours < 1e-3 and ours <= 1.5 * torchs + 1e-5
 
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from tiny_models import mean_kl, one_token_steps
 
 from ernie_cli.kernels import ops
 from ernie_cli.kernels.cpu import native
@@ -118,29 +119,15 @@ def test_bf16_decode_through_the_native_operations_stays_as_close_to_fp32_as_tor
     """Steps of the tiny MoE model in bf16 (the native norms, attention and router on every one)
     against the float32 model's logits; the same steps with ERNIE_NATIVE=0 (torch's bf16 arithmetic)
     give the yardstick."""
-    from ernie_cli.weights.loader import load_model
-
     path, _ = checkpoints("moe")
     ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(11))
-
-    def steps(dtype):
-        model = load_model(path, "cpu", dtype)
-        cache = model.new_cache(1, 32)
-        with torch.no_grad():
-            out = [model(ids[:, :8], 0, cache)[:, -1:]]
-            out += [model(ids[:, p : p + 1], p, cache) for p in range(8, 24)]
-        return torch.cat(out, 1).float()
-
-    def kl(p, q):
-        return torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean().item()
-
-    expected = steps(torch.float32)
+    expected = one_token_steps(path, ids, torch.float32)
     kern = native.kernels()
     calls = []
     real = kern.decode_attention
     monkeypatch.setattr(kern, "decode_attention", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    ours = kl(expected, steps(torch.bfloat16))
+    ours = mean_kl(expected, one_token_steps(path, ids, torch.bfloat16))
     assert len(calls) >= 16  # every step's attention went through it
     monkeypatch.setenv("ERNIE_NATIVE", "0")
-    torchs = kl(expected, steps(torch.bfloat16))
+    torchs = mean_kl(expected, one_token_steps(path, ids, torch.bfloat16))
     assert ours < 1e-3 and ours <= 1.5 * torchs + 1e-5

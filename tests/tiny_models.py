@@ -138,3 +138,21 @@ def write_full_vocab_checkpoint(path: Path, tokenizer_dir: Path, max_position_em
     for name in [*TOKENIZER_FILES, *extra]:
         shutil.copy(tokenizer_dir / name, path / name)
     return path, ref
+
+
+def one_token_steps(path: Path, ids: torch.Tensor, dtype: torch.dtype, prompt: int = 8) -> torch.Tensor:
+    """ernie's model at `path` in `dtype` on the CPU: the logits after ids[:, :prompt] as one forward,
+    then after each later id as a one-token step ([1, T - prompt + 1, V], float32)."""
+    from ernie_cli.weights.loader import load_model
+
+    model = load_model(path, "cpu", dtype)
+    cache = model.new_cache(1, ids.shape[1] + prompt)
+    with torch.no_grad():
+        out = [model(ids[:, :prompt], 0, cache)[:, -1:]]
+        out += [model(ids[:, p : p + 1], p, cache) for p in range(prompt, ids.shape[1])]
+    return torch.cat(out, 1).float()
+
+
+def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """KL(p || q) of the distributions two sets of logits give, averaged over positions."""
+    return torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean().item()

@@ -79,15 +79,19 @@ static inline float bf16_to_float(uint16_t v) {
     return f;
 }
 
-/* One output element, as float or as bfloat16 (rounded to nearest even). */
-static inline void store_out(void *out, int bf16, int64_t at, float v) {
-    if (!bf16) {
-        ((float *)out)[at] = v;
-        return;
-    }
+/* float -> bfloat16, rounded to nearest even (as torch rounds). */
+static inline uint16_t float_to_bf16(float v) {
     uint32_t bits;
     memcpy(&bits, &v, 4);
-    ((uint16_t *)out)[at] = (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* One output element, as float or as bfloat16. */
+static inline void store_out(void *out, int bf16, int64_t at, float v) {
+    if (bf16)
+        ((uint16_t *)out)[at] = float_to_bf16(v);
+    else
+        ((float *)out)[at] = v;
 }
 
 /* A macro: as a static function without side effects GCC deletes its calls. */
@@ -346,10 +350,12 @@ void ernie_dequantize(int bits, const void *w, const uint16_t *scales, const uin
  * compiler vectorizes, in float32 with double sums where torch sums many terms; bf16 results rounded
  * to nearest even as torch rounds them. */
 
-static inline uint16_t float_to_bf16(float v) {
-    uint32_t bits;
-    memcpy(&bits, &v, 4);
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+/* sum_i a[i] * b[i] in float32, b in bf16: a score of the attention, a logit of the router. */
+static inline float dot_bf16(const float *a, const uint16_t *b, int64_t n) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; i++) sum += a[i] * bf16_to_float(b[i]);
+    return sum;
 }
 
 /* rows x n bf16 -> out, transformers' order: h = x * rsqrt(mean(x^2) + eps) in float32, rounded to
@@ -415,11 +421,7 @@ int ernie_decode_attention_bf16(const uint16_t *q, const uint16_t *k, const uint
             rope_head(q + h * d, cos, sin, d, qh);
             float top = -INFINITY;
             for (int64_t j = 0; j < n; j++) {
-                const uint16_t *kj = keys + j * d;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < d; i++) dot += qh[i] * bf16_to_float(kj[i]);
-                scores[j] = dot * scale;
+                scores[j] = dot_bf16(qh, keys + j * d, d) * scale;
                 top = scores[j] > top ? scores[j] : top;
             }
             double total = 0.0;
@@ -449,12 +451,8 @@ void ernie_route_bf16(const uint16_t *x, const float *w, const float *bias, int6
     if (e_count > 1024 || top_k > e_count) return;
     float top = -INFINITY;
     for (int64_t e = 0; e < e_count; e++) {
-        const float *row = w + e * h;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t i = 0; i < h; i++) dot += row[i] * bf16_to_float(x[i]);
-        probs[e] = dot;
-        top = dot > top ? dot : top;
+        probs[e] = dot_bf16(w + e * h, x, h);
+        top = probs[e] > top ? probs[e] : top;
     }
     double total = 0.0;
     for (int64_t e = 0; e < e_count; e++) {
