@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ernie_cli.errors import check_interrupt
+from ernie_cli.kernels.triton import warm as triton_warm
 from ernie_cli.model.config import ErnieConfig, load_config
 from ernie_cli.model.ernie import ErnieForCausalLM
 from ernie_cli.runtime.decoder import Decoder, step_mode
@@ -84,6 +85,7 @@ def load_runtime(
     cfg = load_config(model_dir)
     dev = resolve_device(device)
     start_device(dev)
+    hashing = triton_warm.begin(dev)
     stages.mark("device")
     context = max_context or cfg.max_position_embeddings
     # The cache is sized per request, but refusing early beats failing after the weights are in.
@@ -101,6 +103,7 @@ def load_runtime(
         stages.mark("weights")
         mode = step_mode(compile, dev)
         decoder = Decoder(prepare_for_decoding(model, mode), mode)
+    triton_warm.finish(hashing)  # the prompt's forward launches the first Triton kernels
     stages.mark("prepare")
     model = decoder.model
     return Runtime(model, tokenizer, model.config, model_dir, generation_defaults(model_dir), time.perf_counter() - start, decoder)
