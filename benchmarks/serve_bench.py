@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import random
 import sys
 import threading
@@ -94,6 +95,12 @@ def run_level(url: str, concurrency: int, rounds: int, p: int, n: int, vocab: in
             "itl_p50_ms": 1000 * percentile(itl, 50), "itl_p99_ms": 1000 * percentile(itl, 99)}
 
 
+def levels(url: str, args, vocab: int) -> list[dict]:
+    """One warm-up request, then each concurrency level in turn."""
+    stream_one(url, [1000] * args.prompt, args.warmup, args.api_key)
+    return [run_level(url, c, args.rounds, args.prompt, args.gen, vocab, args.api_key) for c in args.concurrency]
+
+
 def serve_random(args) -> tuple[str, int, str, object]:
     """Random weights of --config served in-process on a free loopback port: (url, vocab, what,
     state). The caller runs state.scheduler on its main thread, as `ernie serve` does."""
@@ -103,7 +110,8 @@ def serve_random(args) -> tuple[str, int, str, object]:
     from ernie_cli.quant.spec import QuantSpec
     from ernie_cli.serve import server
     from ernie_cli.text.tokenizer import load_tokenizer
-    from ernie_cli.weights.loader import random_model, resolve_device, resolve_dtype
+    from ernie_cli.runtime.decoder import step_mode
+    from ernie_cli.weights.loader import prepare_for_decoding, random_model, resolve_device, resolve_dtype
 
     raw = json.loads(Path(args.config).read_text())
     cfg = parse_config(raw)
@@ -113,7 +121,7 @@ def serve_random(args) -> tuple[str, int, str, object]:
     dtype = resolve_dtype(args.dtype, cfg, device)
     spec = QuantSpec.make(args.quantize) if args.quantize else None
     started = time.perf_counter()
-    model = random_model(cfg, device, dtype, quantize=spec)
+    model = prepare_for_decoding(random_model(cfg, device, dtype, quantize=spec), step_mode("auto", device))  # as `ernie serve` loads
     print(f"built {cfg.num_hidden_layers} layers of {Path(args.config).name} ({args.quantize or dtype}) in "
           f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
     tokenizer = load_tokenizer(Path(args.tokenizer))
@@ -157,23 +165,16 @@ def main() -> None:
         vocab, state = 100_000, None
     else:
         url, vocab, what, state = serve_random(args)
-    rows = []
-
-    def levels() -> None:
-        try:
-            stream_one(url, [1000] * args.prompt, args.warmup, args.api_key)
-            rows.extend(run_level(url, c, args.rounds, args.prompt, args.gen, vocab, args.api_key) for c in args.concurrency)
-        finally:
-            if state is not None:
-                state.scheduler.stop(0)
-
     if state is None:
-        levels()
-    else:  # the clients on a thread, the engine on the main one
-        clients = threading.Thread(target=levels)
-        clients.start()
-        state.scheduler.run()
-        clients.join()
+        rows = levels(url, args, vocab)
+    else:
+        # The engine on the main thread, as `ernie serve` runs it; the clients in a process of their
+        # own, as a harness would be: as threads here they took the engine's GIL at every token.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            result = pool.apply_async(levels, (url, args, vocab))
+            threading.Thread(target=lambda: (result.wait(), state.scheduler.stop(0)), daemon=True).start()
+            state.scheduler.run()
+            rows = result.get()
     base = next((r["tok_s"] for r in rows if r["concurrency"] == 1), None)
     print(f"{what}; prompt {args.prompt}, {args.gen} new tokens per request, {args.rounds} round(s)\n")
     print("| concurrency | requests | aggregate tok/s | vs 1 | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |")

@@ -1,14 +1,17 @@
-"""The server's batched step alone (runtime/batch.BatchDecoder, no HTTP, no scheduler): median time of
-one decode step at batch sizes 1, 4 and 8, alternating, on random int4 weights of the real shape.
+"""The server's batched decode step alone (runtime/batch.BatchDecoder, no HTTP, no scheduler): median
+time of one step at each batch size, the sizes taking turns, on random weights of the real shape.
 
-Usage: python benchmarks/serve_engine_step.py [LAYERS] [--compare-thread]
-    LAYERS defaults to 3 (one dense layer, two MoE); --compare-thread also drives each batch size
-    from a second thread, alternating with the main one (where `ernie serve` runs its engine matters).
+Usage: python benchmarks/serve_engine_step.py [LAYERS] [--quantize int4|int8|none] [--device cpu|cuda]
+           [--batches 1,4,8] [--compare-thread]
+    LAYERS defaults to 3 (one dense layer, two MoE; 0: all of them); --quantize defaults to int4;
+    --compare-thread also drives each batch size from a second thread, alternating with the main one
+    (where `ernie serve` runs its engine matters). On CUDA the engine captures its graphs first, as
+    `ernie serve` does at start-up, and steps queue ahead as they do when serving greedy requests.
 """
 
+import argparse
 import json
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,15 +22,29 @@ from ernie_cli.model.config import parse_config
 from ernie_cli.quant.spec import QuantSpec
 from ernie_cli.runtime.batch import BatchDecoder, Sequence
 from ernie_cli.runtime.sampling import SamplingParams
-from ernie_cli.weights.loader import random_model
+from ernie_cli.runtime.decoder import step_mode
+from ernie_cli.weights.loader import prepare_for_decoding, random_model, resolve_device
 
-positional = [a for a in sys.argv[1:] if not a.startswith("--")]
-layers = int(positional[0]) if positional else 3
-places = ("main", "thread") if "--compare-thread" in sys.argv else ("main",)
+ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+ap.add_argument("layers", nargs="?", type=int, default=3)
+ap.add_argument("--quantize", default="int4", choices=["int4", "int8", "none"])
+ap.add_argument("--device", default="cpu")
+ap.add_argument("--batches", default="1,4,8", type=lambda s: [int(x) for x in s.split(",")])
+ap.add_argument("--steps", type=int, default=15, help="timed steps per batch size and round")
+ap.add_argument("--compare-thread", action="store_true")
+args = ap.parse_args()
+
 raw = json.loads((Path(__file__).parent / "configs" / "ERNIE-4.5-21B-A3B-Base-PT.json").read_text())
-cfg = parse_config(raw).replace(num_hidden_layers=layers, moe_layer_end_index=layers - 1)
-engine = BatchDecoder(random_model(cfg, "cpu", torch.bfloat16, quantize=QuantSpec.make("int4")), 8192, 512)
-print(f"{layers} layers, int4, torch threads {torch.get_num_threads()}")
+cfg = parse_config(raw)
+if args.layers:
+    cfg = cfg.replace(num_hidden_layers=args.layers, moe_layer_end_index=args.layers - 1)
+device = resolve_device(args.device)
+spec = None if args.quantize == "none" else QuantSpec.make(args.quantize)
+model = prepare_for_decoding(random_model(cfg, device, torch.bfloat16, quantize=spec), step_mode("auto", device))  # as `ernie serve` loads
+engine = BatchDecoder(model, 8192 * 4, 512)
+engine.warm(max(args.batches))
+places = ("main", "thread") if args.compare_thread else ("main",)
+print(f"{cfg.num_hidden_layers} layers, {args.quantize}, {device}, torch threads {torch.get_num_threads()}")
 
 
 def median_step_ms(batch: int) -> float:
@@ -36,7 +53,7 @@ def median_step_ms(batch: int) -> float:
         engine.admit(s)
     engine.step(seqs)  # the prompts
     times = []
-    for _ in range(15):
+    for _ in range(args.steps + 3):
         start = time.perf_counter()
         engine.step(seqs)
         times.append(time.perf_counter() - start)
@@ -56,4 +73,4 @@ def on(place: str, batch: int) -> float:
 
 
 for rep in range(3):
-    print("; ".join(f"{place} batch {b}: {on(place, b):.1f} ms/step" for b in (1, 4, 8) for place in places))
+    print("; ".join(f"{place} batch {b}: {on(place, b):.2f} ms/step" for b in args.batches for place in places))

@@ -113,6 +113,39 @@ def test_selected_experts_and_per_expert_inputs(fmt):
             _check(y[p], x[p] if per_expert else x, w[e], moving[e])
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("tokens", [2, 5, 8])
+def test_a_few_tokens_through_their_experts_in_two_calls(fmt, tokens):
+    """ops.native_pairs (a server's decode batch: every (token, expert) pair in one call per
+    matrix) gives each token what the one-token path gives it alone, up to the order of the float32
+    sum over its experts; and both stay within the activations' rounding of float64 arithmetic on
+    the dequantized weights."""
+    from ernie_cli.kernels import ops
+
+    e_count, hidden, inter, k = 7, 128, 64, 3
+    gu_disk, down_disk = _disk(fmt, (e_count, 2 * inter, hidden), 64, seed=11), _disk(fmt, (e_count, hidden, inter), 64, seed=12)
+    cpu = torch.device("cpu")
+    gate_up = QuantWeight(fmt, (e_count, 2 * inter, hidden), 64, "native").load(gu_disk, cpu)
+    down = QuantWeight(fmt, (e_count, hidden, inter), 64, "native").load(down_disk, cpu)
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    idx = torch.stack([torch.randperm(e_count, generator=gen)[:k] for _ in range(tokens)])
+    idx[:, 0] = 6  # one expert every token shares, as the shared experts are
+    weights = torch.softmax(torch.randn(tokens, k, generator=gen), -1).bfloat16()
+    got = ops.native_pairs(x, weights, idx, gate_up, down)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    w1, w2 = formats.dequantize(fmt, gu_disk, 64, torch.float64), formats.dequantize(fmt, down_disk, 64, torch.float64)
+    for t in range(tokens):
+        alone = ops.experts(x[t : t + 1], weights[t : t + 1], idx[t : t + 1], gate_up, down)
+        torch.testing.assert_close(got[t].float(), alone[0].float(), rtol=2**-7, atol=1e-6)  # one bf16 rounding apart at most
+        ref = torch.zeros(hidden, dtype=torch.float64)
+        for slot in range(k):
+            e = idx[t, slot]
+            gate, up = (w1[e] @ x[t].double()).chunk(2)
+            ref += weights[t, slot].double() * (w2[e] @ (torch.nn.functional.silu(gate) * up))
+        assert (got[t].double() - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
 def test_quant_weight_uses_the_native_backend_where_the_shape_suits():
     cpu = torch.device("cpu")
     assert choose_backend("int4", 64, cpu, 2560) == "native"

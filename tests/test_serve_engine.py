@@ -71,6 +71,9 @@ def test_batched_requests_equal_alone_and_complete(runtime):
     lengths = [12, 30, 7, 25, 18, 3, 40, 9]
     sizes: list[int] = []
     scheduler = _scheduler(runtime, sizes=sizes)
+    decode_only: list[int] = []  # batch sizes of the steps in which no prompt was read
+    step = scheduler.engine._decode_step
+    scheduler.engine._decode_step = lambda seqs: decode_only.append(len(seqs)) or step(seqs)
     jobs = []
     for i, (prompt, n) in enumerate(zip(PROMPTS, lengths)):
         job, got = _job(runtime, prompt, n)
@@ -80,6 +83,7 @@ def test_batched_requests_equal_alone_and_complete(runtime):
             scheduler.step()
     _drain(scheduler)
     assert max(sizes) == 8 and min(sizes) < 8, sizes  # the batch filled up and emptied as requests left
+    assert max(decode_only) >= 6 and min(decode_only) == 1  # the paged decode-only step ran, batched and alone
     assert len(scheduler.engine.free) * BLOCK == scheduler.engine.tokens  # every block came back
 
     for prompt, n, got in zip(PROMPTS, lengths, jobs):

@@ -29,9 +29,10 @@ from ernie_cli.kernels.triton import attention as triton_attention
 from ernie_cli.kernels.triton import elementwise as triton_elementwise
 from ernie_cli.kernels.triton import gemv as triton_gemv
 from ernie_cli.kernels.triton import grouped as triton_grouped
+from ernie_cli.kernels.triton import paged as triton_paged
 from ernie_cli.kernels.triton import router as triton_router
 from ernie_cli.kernels.triton.gemv import triton
-from ernie_cli.model.cache import Ragged
+from ernie_cli.model.cache import PagedDecode, Ragged
 from ernie_cli.parallel import group as parallel
 
 TRITON = triton is not None and os.environ.get("ERNIE_TRITON", "1") != "0"
@@ -161,9 +162,12 @@ def attention(q, k, v, cache_k, cache_v, cos, sin, start, scale: float) -> torch
     positions start..start+T-1 (eager), or the whole tables (decode graph). Writes the new keys and
     values into cache_k/cache_v [B, KV, S, d] and returns [B, T, H * d].
 
-    start may also be a Ragged batch (several sequences in a paged cache): see ragged_attention."""
+    start may also be a batch of several sequences in a paged cache: a Ragged one (see
+    ragged_attention) or one new token each (see paged_decode_attention)."""
     if isinstance(start, Ragged):
         return ragged_attention(q, k, v, cache_k, cache_v, cos, sin, start, scale)
+    if isinstance(start, PagedDecode):
+        return paged_decode_attention(q, k, v, cache_k, cache_v, cos, sin, start, scale)
     b, t = q.shape[:2]
     if isinstance(start, torch.Tensor):
         if TRITON and triton_attention.usable(q.transpose(1, 2), cache_k):
@@ -208,16 +212,23 @@ def attention(q, k, v, cache_k, cache_v, cos, sin, start, scale: float) -> torch
 
 
 def ragged_attention(q, k, v, cache_k, cache_v, cos, sin, batch: Ragged, scale: float) -> torch.Tensor:
-    """Several sequences packed in one row: q [1, N, H, d], k/v [1, N, KV, d]; cos/sin [N, d], each
-    token's own row. Every token's key and value go to its slot of the paged cache
-    (cache_k/cache_v [slots, KV, d]); then each sequence attends over its own slots, causally, with
-    the same masks as one sequence alone. Every other operation of the forward runs once over all N
-    tokens (so each selected expert's weights are read once per step for all the tokens routed to it);
-    only this loop is per sequence."""
-    q, k = rope(q, cos, sin)[0], rope(k, cos, sin)[0]
+    """Several sequences packed in one row: q [1, N, H, d], k/v [1, N, KV, d]; cos/sin the whole RoPE
+    tables. The first G tokens, one of each decoding sequence (batch.decode), take
+    paged_decode_attention; every other token's key and value go to its slot of the paged cache
+    (cache_k/cache_v [slots, KV, d]), then each prompt chunk attends over its own slots, causally,
+    with the same masks as one sequence alone. Every other operation of the forward runs once over
+    all N tokens (so each selected expert's weights are read once per step for all the tokens routed
+    to it); only this loop is per sequence."""
+    outs, g = [], 0
+    if batch.decode is not None:
+        g = batch.decode.positions.shape[0]
+        outs.append(paged_decode_attention(q[:, :g], k[:, :g], v[:, :g], cache_k, cache_v, cos, sin, batch.decode, scale)[0])
+    if not batch.spans:
+        return outs[0][None]
+    c, s = cos[batch.positions], sin[batch.positions]
+    q, k = rope(q[:, g:], c, s)[0], rope(k[:, g:], c, s)[0]
     cache_k.index_copy_(0, batch.slots, k)
-    cache_v.index_copy_(0, batch.slots, v[0])
-    outs = []
+    cache_v.index_copy_(0, batch.slots, v[0, g:])
     for offset, t, start, slots in batch.spans:
         keys = cache_k.index_select(0, slots).transpose(0, 1)[None]  # [1, KV, end, d]
         values = cache_v.index_select(0, slots).transpose(0, 1)[None]
@@ -233,6 +244,33 @@ def ragged_attention(q, k, v, cache_k, cache_v, cos, sin, batch: Ragged, scale: 
         out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True)
         outs.append(out[0].transpose(0, 1).reshape(t, -1))
     return torch.cat(outs)[None]
+
+
+def paged_decode_attention(q, k, v, cache_k, cache_v, cos, sin, batch: PagedDecode, scale: float) -> torch.Tensor:
+    """One new token of each of B sequences: q [1, B, H, d], k/v [1, B, KV, d] as projected; cos/sin
+    the whole RoPE tables. Each key and value goes to its slot, then each token attends over the
+    blocks of its sequence's table up to its position. Static shapes, no host sync: the batch's
+    decode graph holds it. Elsewhere than the Triton kernel, every sequence's blocks are gathered to
+    the batch's longest and the rest masked, one SDPA for the batch."""
+    if _eager_triton(q) and triton_paged.usable(q, cache_k):
+        return triton_paged.decode(q, k, v, cache_k, cache_v, cos, sin, batch, scale)
+    b, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
+    c, s = cos[batch.positions], sin[batch.positions]
+    q, k = rope(q, c, s)[0], rope(k, c, s)[0]
+    cache_k.index_copy_(0, batch.slots, k)
+    cache_v.index_copy_(0, batch.slots, v[0])
+    table = batch.table.long()
+    slots = (table[:, :, None] * batch.block + torch.arange(batch.block, device=table.device)).flatten(1)  # [B, L]
+    keys = cache_k[slots].permute(0, 2, 1, 3)  # [B, KV, L, d]
+    values = cache_v[slots].permute(0, 2, 1, 3)
+    mask = torch.arange(slots.shape[1], device=q.device)[None, :] <= batch.positions[:, None]
+    query = q[:, :, None, :]  # [B, H, 1, d]
+    if q.device.type == "cpu" and q.dtype != torch.float32:  # as attention() poses one bf16 token on the CPU
+        grouped_q = query.reshape(b, kv_heads, heads // kv_heads, q.shape[-1])
+        out = F.scaled_dot_product_attention(grouped_q, keys, values, attn_mask=mask[:, None, None, :], scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    return out.reshape(1, b, -1)
 
 
 # ---- the sum over the ranks of a split model ---------------------------------------------------------
@@ -332,9 +370,33 @@ def experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, 
         if x.device.type != "cpu" or _compiling() or quant:
             return gathered(x, weights, idx, gate_up, down)
         # float on the CPU, eagerly: touching the k experts through views beats gathering copies
+    if quant and gate_up.backend == down.backend == "native" and x.shape[0] <= PAIRS_TOKENS and not _compiling():
+        return native_pairs(x, weights, idx, gate_up, down)
     if uses_grouped_mm(x, gate_up, down):
         return grouped_mm(x, weights, idx, gate_up, down)
     return grouped(x, weights, idx, gate_up, down)
+
+
+# Up to this many tokens (a server's decode batch), the CPU's quantized experts take native_pairs.
+PAIRS_TOKENS = 8
+
+
+def native_pairs(x, weights, idx, gate_up, down) -> torch.Tensor:
+    """A few tokens through their experts on the CPU's native kernels: every (token, expert) pair in
+    one call for gate_up and one for down, the pairs sorted by expert so that an expert two tokens
+    share is read twice in a row (the second time from cache). One GEMM per selected expert
+    (`grouped`) cost some ten torch calls an expert, at 10-20 µs of Python each on a small CPU."""
+    t, k = idx.shape
+    flat = idx.flatten()
+    order = torch.argsort(flat, stable=True)
+    experts, tokens = flat[order].contiguous(), order // k
+    xs = quantized.native_input(x)[tokens][:, None].contiguous()  # [P, 1, H]
+    gate, up = quantized.native_mm(gate_up, xs, experts, per_expert_x=True)[:, 0].chunk(2, dim=-1)
+    h = (F.silu(gate) * up)[:, None].contiguous()
+    y = quantized.native_mm(down, h, experts, per_expert_x=True, out_dtype=torch.float32)[:, 0]  # [P, H]
+    out = torch.zeros(t, x.shape[1], dtype=torch.float32)
+    out.index_add_(0, tokens, y * weights.flatten()[order].float()[:, None])
+    return out.to(x.dtype)
 
 
 def grouped(x, weights, idx, gate_up, down) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ernie_cli.quant.weight import QuantWeight
 BF16 = torch.bfloat16
 
 
-def _native_input(x: torch.Tensor) -> torch.Tensor:
+def native_input(x: torch.Tensor) -> torch.Tensor:
     """The kernels read float32 or bf16 directly; anything else goes in as float32."""
     return (x if x.dtype in (torch.float32, BF16) else x.float()).contiguous()
 
@@ -73,7 +73,7 @@ def matmul(w: QuantWeight, x: torch.Tensor, expert=None, gpu_dequant: bool = Fal
         if not torch.compiler.is_compiling() and native.kernels().expands(x.shape[0]):
             f = native_dequantize(w, expert, BF16 if x.dtype == BF16 else torch.float32)
             return F.linear(x.to(f.dtype), f).to(x.dtype)
-        return native_mm(w, _native_input(x), expert, out_dtype=x.dtype)[0].to(x.dtype)
+        return native_mm(w, native_input(x), expert, out_dtype=x.dtype)[0].to(x.dtype)
     if w.disk_layout:
         if x.shape[0] == 1 and torch.compiler.is_compiling():
             # Decode: a multiply-and-sum lets Inductor fuse the dequantization into the reduction,
@@ -118,7 +118,7 @@ def selected_native(w: QuantWeight, per_expert_x: bool = False):
     """gate_up(x [H], experts) -> [k, 2I], or down(h [k, I], experts) -> [k, H] in float32, in one call."""
     if per_expert_x:
         return lambda h, e: native_mm(w, h[:, None], e, per_expert_x=True, out_dtype=torch.float32)[:, 0]
-    return lambda v, e: native_mm(w, _native_input(v[None]), e)[:, 0]
+    return lambda v, e: native_mm(w, native_input(v[None]), e)[:, 0]
 
 
 def selected_gemv(w: QuantWeight, per_expert_x: bool = False, swiglu: bool = False):

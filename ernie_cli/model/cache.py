@@ -64,13 +64,28 @@ def cache_bytes(layers: int, kv_heads: int, head_dim: int, positions: int, dtype
 class Ragged:
     """Several sequences' new tokens packed into one row [1, N], each at its own positions.
 
-    Stands where a forward takes its first position. positions [N]: each token's position in its own
-    sequence; slots [N]: the cache slot its key and value go to; spans: per sequence, (its first
-    token's offset in the row, its count of new tokens, its first position, the slots of its
-    positions 0..first + count - 1 in order)."""
+    Stands where a forward takes its first position. The row may begin with one new token of each
+    of G sequences that are decoding (decode: a PagedDecode of those G, attended in one kernel);
+    the rest are prompt chunks, described by: positions [N - G]: each token's position in its own
+    sequence; slots [N - G]: the cache slot its key and value go to; spans: per sequence, (its first
+    token's offset in the row after the G, its count of new tokens, its first position, the slots
+    of its positions 0..first + count - 1 in order)."""
 
-    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, spans: list[tuple[int, int, int, torch.Tensor]]):
-        self.positions, self.slots, self.spans = positions, slots, spans
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, spans: list[tuple[int, int, int, torch.Tensor]],
+                 decode: "PagedDecode | None" = None):
+        self.positions, self.slots, self.spans, self.decode = positions, slots, spans, decode
+
+
+class PagedDecode:
+    """One new token of each of B sequences in a paged cache, the decode-only step of a batch.
+
+    Stands where a forward takes its first position, tokens [1, B]. positions [B] (long): each
+    token's position; slots [B] (long): the cache slot its key and value go to; table [B, W]
+    (int32): each sequence's blocks in order, of which those holding positions 0..position are
+    read. Static shapes and no host value: a CUDA graph holds the step (runtime/batch.py)."""
+
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor, table: torch.Tensor, block: int):
+        self.positions, self.slots, self.table, self.block = positions, slots, table, block
 
 
 class PagedKVCache(nn.Module):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ernie_cli.kernels import ops
-from ernie_cli.model.cache import KVCache, LayerCache, PagedKVCache, Ragged
+from ernie_cli.model.cache import KVCache, LayerCache, PagedDecode, PagedKVCache, Ragged
 from ernie_cli.model.config import ErnieConfig
 from ernie_cli.parallel.shard import Shard, plan_shard
 
@@ -244,7 +244,8 @@ class ErnieForCausalLM(nn.Module):
         """tokens [B, T] at positions start..start+T-1 -> logits [B, T', V].
 
         start: an int, or a one-element device tensor (the one-token step inside a CUDA graph), or
-        a Ragged batch: tokens [1, N] of several sequences, each at its own positions in a paged cache.
+        a Ragged batch: tokens [1, N] of several sequences, each at its own positions in a paged cache;
+        or a PagedDecode batch: tokens [1, B], the next token of each of B sequences in a paged cache.
         last: None for every position's logits; an int or a one-element device tensor for that
         position's alone (T' = 1), which spares the head's product over the rest of a prompt; a
         longer tensor of indices for those positions' (a batch's last token of each sequence).
@@ -252,9 +253,7 @@ class ErnieForCausalLM(nn.Module):
         t = tokens.shape[1]
         if cache is None:
             cache = self.new_cache(tokens.shape[0], t)
-        if isinstance(start, Ragged):  # every token has its own position
-            cos, sin = cache.rope_cos[start.positions], cache.rope_sin[start.positions]
-        elif isinstance(start, torch.Tensor):  # the graph: each attention reads the row at start itself
+        if isinstance(start, (torch.Tensor, PagedDecode, Ragged)):  # each attention reads its rows by position itself
             cos, sin = cache.rope_cos, cache.rope_sin
         else:
             if start + t > cache.capacity:

@@ -48,7 +48,7 @@ def prefill_waits_for_host(model: ErnieForCausalLM) -> bool:
     return ops.prefill_waits_for_host(model.device, model.dtype, stacks)
 
 
-def _capture(fn, device: torch.device, pool=None):
+def capture_graph(fn, device: torch.device, pool=None):
     """fn() run twice on a side stream (Triton compiles and tunes, cuBLAS sets up: none of it may
     happen inside a capture), then captured: (graph, fn's output inside the graph's memory)."""
     side = torch.cuda.Stream(device)
@@ -83,7 +83,7 @@ class StepGraph:
             device = self.model.device
             self.tokens = tokens.detach().clone()
             self.pos = torch.full((1,), pos, dtype=torch.long, device=device)
-            self.graph, self.logits = _capture(lambda: self.model(self.tokens, self.pos, cache)[:, -1], device)
+            self.graph, self.logits = capture_graph(lambda: self.model(self.tokens, self.pos, cache)[:, -1], device)
             self._cache = weakref.ref(cache)
         self.tokens.copy_(tokens)
         self.pos.fill_(pos)
@@ -162,7 +162,7 @@ class PrefillGraphs:
         last = torch.zeros(1, dtype=torch.long, device=device)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        graph, logits = _capture(lambda: model(padded, 0, cache, last=last)[:, -1], device, self.pool)
+        graph, logits = capture_graph(lambda: model(padded, 0, cache, last=last)[:, -1], device, self.pool)
         return graph, padded, last, logits
 
 

@@ -16,6 +16,7 @@ import contextlib
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 def build_state(opts: Options, progress=None) -> ServeState:
     """Load the model and tokenizer, size the KV pool, start nothing yet."""
-    runtime = completion.load_runtime(opts.model_dir, opts.device, opts.dtype, opts.max_context, opts.quantize, progress, compile="off")
+    # compile "auto": on CUDA the weights fused as for a captured step (the batch's decode step is
+    # captured too); elsewhere eager, as `ernie complete` runs there.
+    runtime = completion.load_runtime(opts.model_dir, opts.device, opts.dtype, opts.max_context, opts.quantize, progress, compile="auto")
     names = frozenset({opts.model, opts.model_dir.name, str(opts.model_dir)})
     return make_state(runtime.model, runtime.tokenizer, opts, names, runtime.generation_defaults, completion.stop_token_ids(runtime))
 
@@ -113,6 +116,10 @@ def make_state(model, tokenizer, opts: Options, names: frozenset[str], generatio
     engine = BatchDecoder(model, tokens, context)
     info(f"KV cache: {engine.tokens:,} tokens in {engine.bytes / 1024**3:.2f} GiB (blocks of {BLOCK}) on {model.device}; "
          f"up to {opts.max_batch} sequences at once, {context:,} tokens each at most", opts.quiet)
+    started = time.perf_counter()
+    captured = engine.warm(opts.max_batch)  # here, not in the first requests' wait
+    if captured:
+        info(f"decode step captured as {captured} CUDA graphs (batches up to {opts.max_batch}) in {time.perf_counter() - started:.1f} s", opts.quiet)
     defaults = {k: v for k, v in generation_defaults.items() if k in ("temperature", "top_k", "top_p", "min_p",
                 "repetition_penalty", "presence_penalty", "frequency_penalty")}
     return ServeState(Scheduler(engine, opts.max_batch, opts.max_queue), tokenizer, cfg.vocab_size, opts.model, names,

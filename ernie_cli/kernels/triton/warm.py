@@ -21,9 +21,9 @@ def _kernels():
     """Every JIT function of ernie's Triton kernels (an autotuner's or heuristics' wrapped one too)."""
     from triton.runtime.jit import JITFunction
 
-    from ernie_cli.kernels.triton import attention, dequant, elementwise, gemv, grouped, router
+    from ernie_cli.kernels.triton import attention, dequant, elementwise, gemv, grouped, paged, router
 
-    for module in (attention, dequant, elementwise, gemv, grouped, router):
+    for module in (attention, dequant, elementwise, gemv, grouped, paged, router):
         for value in vars(module).values():
             while value is not None and not isinstance(value, JITFunction):
                 value = getattr(value, "fn", None)
