@@ -157,6 +157,24 @@ def test_bf16_close_to_fp32_reference(checkpoints):
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
 
 
+def test_shared_experts_stay_apart_in_a_stack_split_over_ranks():
+    """One rank's stack holds some experts and sums only the slots routed to them (ops.owned_experts),
+    so shared experts appended to it would be dropped: the fusion refuses, the MLP stays."""
+    from tiny_models import BASE, MOE
+
+    from ernie_cli.model.config import parse_config
+    from ernie_cli.model.ernie import MoE
+    from ernie_cli.parallel.group import Group
+    from ernie_cli.parallel.shard import plan_shard
+    from ernie_cli.weights.loader import random_model
+
+    cfg = parse_config({**BASE, **MOE, "architectures": ["Ernie4_5_MoeForCausalLM"]})
+    model = random_model(cfg, "cpu", torch.float32, shard=plan_shard(cfg, Group(rank=0, world=2)))
+    moe = next(layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE))
+    assert moe.experts.owned is not None and moe.shared_experts is not None
+    assert not shared_into_experts(moe) and moe.shared_experts is not None and moe.gate.always == 0
+
+
 @pytest.mark.parametrize("shape", ["dense", "moe"])
 def test_fused_qkv_projection_matches_transformers(checkpoints, shape):
     """The decode graph's one q/k/v matrix (fuse.fuse_qkv) computes what the three did."""

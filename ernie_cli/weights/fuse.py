@@ -82,6 +82,8 @@ def shared_into_experts(moe: MoE) -> bool:
     mlp, experts = moe.shared_experts, moe.experts
     if mlp is None or mlp.gate_up_proj.bias is not None or mlp.down_proj.bias is not None:
         return False
+    if experts.owned is not None:  # split over ranks: such a stack sums only the slots routed to its own experts
+        return False
     count = mlp.gate_up_proj.out_features // experts.gate_up_proj.shape[1]
     pairs = ((experts.gate_up_proj, mlp.gate_up_proj.weight, shared_gate_up_as_experts),
              (experts.down_proj, mlp.down_proj.weight, shared_down_as_experts))
