@@ -12,6 +12,9 @@
 #   profile [OPTIONS...]  benchmarks/gpu_profile.py on the same shape: where a decode step's time goes
 #   gemv [FORMAT...]      benchmarks/gpu_gemv_bench.py: the one-token kernels inside a CUDA graph
 #   oneshot TOKENIZER_DIR [ARGS]   benchmarks/oneshot.py: fresh `ernie complete` processes against the floor F
+#   serve TOKENIZER_DIR [ARGS]     benchmarks/serve_bench.py: `ernie serve`'s app on random weights of the full
+#                         shape (bf16; -c 1,8,64 -p 128 -n 256 unless given), then the engine's step alone
+#                         (benchmarks/serve_engine_step.py); needs uvicorn and starlette (carried as wheels in .whl/)
 #
 # LIMIT (seconds, default 540) bounds the run; OUT (default a new temporary directory) keeps its whole
 # output. ERNIE_TRITON=0 and ERNIE_NATIVE=0 reach the run like any environment variable.
@@ -19,8 +22,8 @@ set -u
 cd "$(dirname "$0")/.."
 MODE=${1:-}; shift || true
 case "$MODE" in
-  bench|hf|parity|tests|profile|gemv|oneshot) ;;
-  *) echo "error: unknown mode '$MODE': use bench, hf, parity, tests, profile, gemv or oneshot (see the head of $0)" >&2; exit 2 ;;
+  bench|hf|parity|tests|profile|gemv|oneshot|serve) ;;
+  *) echo "error: unknown mode '$MODE': use bench, hf, parity, tests, profile, gemv, oneshot or serve (see the head of $0)" >&2; exit 2 ;;
 esac
 source benchmarks/device_env.sh
 LIMIT=${LIMIT:-540}
@@ -91,6 +94,14 @@ PY
     tok=$1; shift
     limited python3 benchmarks/oneshot.py "$tok" "${WORK:-/tmp/oneshot}" "$@" > "$LOG" 2>&1; rc=$?
     sed -n '/^NVIDIA\|^| /p' "$LOG" > "$TABLE"
+    ;;
+  serve)
+    (( $# )) || { echo "error: serve needs the tokenizer directory: bash benchmarks/gpu_run.sh serve TOKENIZER_DIR" >&2; exit 2; }
+    tok=$1; shift
+    (( $# )) || set -- -c 1,8,64 -p 128 -n 256
+    limited python3 benchmarks/serve_bench.py --config "$CFG" --tokenizer "$tok" --device cuda "$@" > "$LOG" 2>&1; rc=$?
+    limited python3 benchmarks/serve_engine_step.py 0 --quantize none --device cuda --batches 1,8,64 --steps 30 >> "$LOG" 2>&1
+    sed -n '/^| \|ms\/step\|captured/p' "$LOG" > "$TABLE"
     ;;
 esac
 echo "$MODE: $(( $(date +%s) - start )) s, exit $rc; whole output in $OUT"
