@@ -10,7 +10,7 @@ by element, with 1e-5 of sum |x||w| for the float32 part.
 
 import pytest
 import torch
-from tiny_models import mean_kl, one_token_steps
+from tiny_models import native_and_torch_kl
 
 from ernie_cli.kernels import quantized
 from ernie_cli.kernels.cpu import native
@@ -330,15 +330,8 @@ def test_bf16_decode_with_the_native_kernel_stays_close_to_fp32(checkpoints, mon
     float32 model's logits: as close as torch's bf16 matmuls get (their KL measured alike, same steps)."""
     path, _ = checkpoints("moe")
     ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(7))
-    expected = one_token_steps(path, ids, torch.float32)
-    kern = native.kernels()
-    calls = []
-    real = kern.bf16_gemv
-    monkeypatch.setattr(kern, "bf16_gemv", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    ours = mean_kl(expected, one_token_steps(path, ids, torch.bfloat16))
-    assert len(calls) > 16 * 4  # every step's linears and experts went through the kernel
-    monkeypatch.setenv("ERNIE_NATIVE", "0")
-    torchs = mean_kl(expected, one_token_steps(path, ids, torch.bfloat16))
+    ours, torchs, calls = native_and_torch_kl(path, ids, monkeypatch, native.kernels(), "bf16_gemv")
+    assert calls > 16 * 4  # every step's linears and experts went through the kernel
     assert ours < 1e-3 and ours <= 1.5 * torchs + 1e-5
 
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from tiny_models import mean_kl, one_token_steps
+from tiny_models import native_and_torch_kl
 
 from ernie_cli.kernels import ops
 from ernie_cli.kernels.cpu import native
@@ -121,13 +121,6 @@ def test_bf16_decode_through_the_native_operations_stays_as_close_to_fp32_as_tor
     give the yardstick."""
     path, _ = checkpoints("moe")
     ids = torch.randint(3, 500, (1, 24), generator=torch.Generator().manual_seed(11))
-    expected = one_token_steps(path, ids, torch.float32)
-    kern = native.kernels()
-    calls = []
-    real = kern.decode_attention
-    monkeypatch.setattr(kern, "decode_attention", lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
-    ours = mean_kl(expected, one_token_steps(path, ids, torch.bfloat16))
-    assert len(calls) >= 16  # every step's attention went through it
-    monkeypatch.setenv("ERNIE_NATIVE", "0")
-    torchs = mean_kl(expected, one_token_steps(path, ids, torch.bfloat16))
+    ours, torchs, calls = native_and_torch_kl(path, ids, monkeypatch, native.kernels(), "decode_attention")
+    assert calls >= 16  # every step's attention went through it
     assert ours < 1e-3 and ours <= 1.5 * torchs + 1e-5

@@ -156,3 +156,17 @@ def one_token_steps(path: Path, ids: torch.Tensor, dtype: torch.dtype, prompt: i
 def mean_kl(p: torch.Tensor, q: torch.Tensor) -> float:
     """KL(p || q) of the distributions two sets of logits give, averaged over positions."""
     return torch.nn.functional.kl_div(q.log_softmax(-1), p.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean().item()
+
+
+def native_and_torch_kl(path: Path, ids: torch.Tensor, monkeypatch, kern, method: str) -> tuple[float, float, int]:
+    """Mean KL against the float32 model's one-token steps of the same bf16 steps run twice: through
+    the native kernels (counting the calls of kern.method), then with ERNIE_NATIVE=0 (torch's bf16
+    arithmetic, the yardstick). Returns (native KL, torch KL, calls)."""
+    expected = one_token_steps(path, ids, torch.float32)
+    calls = []
+    real = getattr(kern, method)
+    monkeypatch.setattr(kern, method, lambda *a, **kw: (calls.append(1), real(*a, **kw))[1])
+    ours = mean_kl(expected, one_token_steps(path, ids, torch.bfloat16))
+    count = len(calls)
+    monkeypatch.setenv("ERNIE_NATIVE", "0")
+    return ours, mean_kl(expected, one_token_steps(path, ids, torch.bfloat16)), count

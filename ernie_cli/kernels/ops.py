@@ -223,8 +223,6 @@ def ragged_attention(q, k, v, cache_k, cache_v, cos, sin, batch: Ragged, scale: 
     if batch.decode is not None:
         g = batch.decode.positions.shape[0]
         outs.append(paged_decode_attention(q[:, :g], k[:, :g], v[:, :g], cache_k, cache_v, cos, sin, batch.decode, scale)[0])
-    if not batch.spans:
-        return outs[0][None]
     c, s = cos[batch.positions], sin[batch.positions]
     q, k = rope(q[:, g:], c, s)[0], rope(k[:, g:], c, s)[0]
     cache_k.index_copy_(0, batch.slots, k)
