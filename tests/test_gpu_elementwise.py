@@ -40,6 +40,40 @@ def test_rms_norm_kernel_matches_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_kernel_sum_is_torchs_and_norm_as_the_norm_kernel(dtype):
+    """The residual addition fused before the norm: the sum is torch's to the bit, and the norm of
+    it is what the RMSNorm kernel alone gives (the same code after the same sum)."""
+    gen = torch.Generator().manual_seed(3)
+    weight = (1 + 0.1 * torch.randn(2560, generator=gen)).to(dtype).cuda()
+    x = (3 * torch.randn(1, 37, 2560, generator=gen)).to(dtype).cuda()
+    delta = torch.randn(1, 37, 2560, generator=gen).to(dtype).cuda()
+    total, normed = gpu_elementwise.add_rms_norm(x, delta, weight, 1e-5)
+    assert total.shape == normed.shape == x.shape
+    assert torch.equal(total, x + delta)
+    assert torch.equal(normed, gpu_elementwise.rms_norm(x + delta, weight, 1e-5))
+
+
+def test_argmax_finite_kernel_against_torch():
+    """Rows of the head's width: the first of equal largest entries (torch.argmax's choice), a
+    largest entry in the last partial block, and rows holding NaN, +inf or -inf flagged."""
+    gen = torch.Generator().manual_seed(4)
+    v = 103_424
+    x = torch.randn(6, v, generator=gen)
+    x[1, 7], x[1, 70_000], x[1, 90_001] = 50.0, 50.0, 50.0  # a tie across blocks and lanes
+    x[2, v - 1] = 60.0
+    x[3, 5] = float("nan")
+    x[4, 9] = float("inf")
+    x[5, 100] = float("-inf")
+    for dtype in (torch.float32, torch.bfloat16):
+        got = gpu_elementwise.argmax_finite(x.to(dtype).cuda()).cpu()
+        ref = x.to(dtype)
+        assert got[0].tolist() == torch.isfinite(ref).all(dim=-1).long().tolist() == [1, 1, 1, 0, 0, 0]
+        finite = got[0].bool()
+        assert torch.equal(got[1][finite], ref.argmax(dim=-1)[finite])
+        assert got[1][1] == 7 and got[1][2] == v - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_kernel_is_bit_exact(dtype):
     gen = torch.Generator().manual_seed(1)
     cos, sin = rope_table(128, 500000.0, 300, "cuda")

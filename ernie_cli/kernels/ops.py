@@ -97,6 +97,25 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)  # weight applied after the cast back, as transformers does
 
 
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream x + delta, and its RMSNorm: one kernel on CUDA, bit for bit the addition
+    and the norm done one after the other (delta None: x itself and its norm)."""
+    if delta is None:
+        return x, rms_norm(x, weight, eps)
+    if _eager_triton(x) and delta.dtype == x.dtype and delta.shape == x.shape:
+        return triton_elementwise.add_rms_norm(x, delta, weight, eps)
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def finite_and_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] -> int64 [2, B]: 1 where a row is all finite (else 0), and each row's argmax:
+    what a batch step reads back to learn whether a row went bad and the greedy rows' tokens."""
+    if _eager_triton(logits):
+        return triton_elementwise.argmax_finite(logits)
+    return torch.stack([torch.isfinite(logits).all(dim=-1).long(), logits.argmax(dim=-1)])
+
+
 # ---- §2.3 rotary embedding (interleaved pairs) -----------------------------------------------------
 
 
@@ -218,7 +237,8 @@ def ragged_attention(q, k, v, cache_k, cache_v, cos, sin, batch: Ragged, scale: 
     (cache_k/cache_v [slots, KV, d]), then each prompt chunk attends over its own slots, causally,
     with the same masks as one sequence alone. Every other operation of the forward runs once over
     all N tokens (so each selected expert's weights are read once per step for all the tokens routed
-    to it); only this loop is per sequence."""
+    to it). On CUDA in 16 bits one Triton kernel attends for every chunk (kernels/triton/paged.py);
+    elsewhere a loop over the chunks does, one SDPA each."""
     outs, g = [], 0
     if batch.decode is not None:
         g = batch.decode.positions.shape[0]
@@ -227,6 +247,9 @@ def ragged_attention(q, k, v, cache_k, cache_v, cos, sin, batch: Ragged, scale: 
     q, k = rope(q[:, g:], c, s)[0], rope(k[:, g:], c, s)[0]
     cache_k.index_copy_(0, batch.slots, k)
     cache_v.index_copy_(0, batch.slots, v[0, g:])
+    if batch.chunks is not None and _eager_triton(q) and triton_paged.usable(q[None], cache_k) and q.is_contiguous():
+        outs.append(triton_paged.prefill(q, cache_k, cache_v, batch.chunks, scale))
+        return torch.cat(outs)[None] if len(outs) > 1 else outs[0][None]
     for offset, t, start, slots in batch.spans:
         keys = cache_k.index_select(0, slots).transpose(0, 1)[None]  # [1, KV, end, d]
         values = cache_v.index_select(0, slots).transpose(0, 1)[None]

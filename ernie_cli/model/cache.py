@@ -72,8 +72,31 @@ class Ragged:
     of its positions 0..first + count - 1 in order)."""
 
     def __init__(self, positions: torch.Tensor, slots: torch.Tensor, spans: list[tuple[int, int, int, torch.Tensor]],
-                 decode: "PagedDecode | None" = None):
-        self.positions, self.slots, self.spans, self.decode = positions, slots, spans, decode
+                 decode: "PagedDecode | None" = None, chunks: "PagedChunks | None" = None):
+        """chunks: the same prompt chunks as block tables, for a kernel that attends to all of them at once."""
+        self.positions, self.slots, self.spans, self.decode, self.chunks = positions, slots, spans, decode, chunks
+
+
+class PagedChunks:
+    """The prompt chunks of a Ragged row as block tables: meta [S, 4] int32 (each chunk's first row
+    after the decoding tokens, its token count, its first position, a pad), table [S, W] int32 (the
+    blocks of its sequence, in order). The counts stay on the host too: programs(n) cuts the chunks
+    into pieces of n tokens, (chunk, first token) each, once per step for all layers. (S is no
+    kernel argument: Triton would compile a kernel again for each new value that divides by 16.)"""
+
+    def __init__(self, counts: list[int], starts: list[int], tables: list[list[int]], block: int, width: int, device):
+        firsts = [sum(counts[:i]) for i in range(len(counts))]
+        self.counts, self.block = counts, block
+        self.meta = torch.tensor([[f, c, s, 0] for f, c, s in zip(firsts, counts, starts)], dtype=torch.int32, device=device)
+        rows = [t + [0] * (width - len(t)) for t in tables]
+        self.table = torch.tensor(rows, dtype=torch.int32, device=device)
+        self._programs: dict[int, torch.Tensor] = {}
+
+    def programs(self, tokens: int) -> torch.Tensor:
+        if tokens not in self._programs:
+            pieces = [(c, i) for c, t in enumerate(self.counts) for i in range(0, t, tokens)]
+            self._programs[tokens] = torch.tensor(pieces, dtype=torch.int32, device=self.meta.device)
+        return self._programs[tokens]
 
 
 class PagedDecode:

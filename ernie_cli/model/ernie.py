@@ -55,6 +55,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
 
+    def add(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual addition before the norm, and the norm: (x + delta, norm(x + delta))."""
+        return ops.add_rms_norm(x, delta, self.weight, self.eps)
+
 
 # ---- linear layers and the embedding ---------------------------------------------------------------
 
@@ -203,11 +207,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, shard) if cfg.is_moe_layer(index) else _mlp(cfg, shard, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start, cache: LayerCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, start,
+                cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream entering the layer is x + delta, delta being the last layer's MLP
+        output (None before the first layer); the stream leaving it is the returned pair's sum.
+        Each residual addition is made by add_rms_norm together with the norm that follows it
+        (one kernel on CUDA), the last one by the model's final norm."""
         # Split over ranks, attention and the MLP each give this rank's partial sum, and all_reduce
         # adds the ranks' sums (in one process it returns its input: the whole sum is already there).
-        x = x + ops.all_reduce(self.self_attn(self.input_layernorm(x), cos, sin, start, cache), self.group)
-        return x + ops.all_reduce(self.mlp(self.post_attention_layernorm(x)), self.group)
+        x, h = self.input_layernorm.add(x, delta)
+        h = ops.all_reduce(self.self_attn(h, cos, sin, start, cache), self.group)
+        x, h = self.post_attention_layernorm.add(x, h)
+        return x, ops.all_reduce(self.mlp(h), self.group)
 
 
 class ErnieForCausalLM(nn.Module):
@@ -259,11 +270,11 @@ class ErnieForCausalLM(nn.Module):
             if start + t > cache.capacity:
                 raise ValueError(f"positions up to {start + t} exceed the cache of {cache.capacity}")
             cos, sin = cache.rope_cos[start : start + t], cache.rope_sin[start : start + t]
-        x = self.embed_tokens(tokens, self.dtype)
+        x, delta = self.embed_tokens(tokens, self.dtype), None
         for layer, layer_cache in zip(self.layers, cache.layers):
-            x = layer(x, cos, sin, start, layer_cache)
+            x, delta = layer(x, delta, cos, sin, start, layer_cache)
         if isinstance(last, torch.Tensor):
-            x = x.index_select(1, last)
+            x, delta = x.index_select(1, last), delta.index_select(1, last) if delta is not None else None
         elif last is not None:
-            x = x[:, last:][:, :1]  # a negative index counts from the end
-        return ops.linear(self.norm(x), self.head_weight())
+            x, delta = x[:, last:][:, :1], delta[:, last:][:, :1] if delta is not None else None  # a negative index counts from the end
+        return ops.linear(self.norm.add(x, delta)[1], self.head_weight())

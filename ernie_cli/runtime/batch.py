@@ -26,14 +26,19 @@ import os
 import torch
 
 from ernie_cli.console import warn
-from ernie_cli.model.cache import PagedDecode, PagedKVCache, Ragged, paged_bytes_per_token
+from ernie_cli.kernels import ops
+from ernie_cli.model.cache import PagedChunks, PagedDecode, PagedKVCache, Ragged, paged_bytes_per_token
 from ernie_cli.model.ernie import ErnieForCausalLM, rope_table
 from ernie_cli.runtime.decoder import capture_graph, prefill_waits_for_host
 from ernie_cli.runtime.generate import Step
 from ernie_cli.runtime.sampling import Sampler, SamplingParams
 
 BLOCK = 16  # positions per block: small enough that a sequence wastes little, large enough to index cheaply
-STEP_TOKENS = 512  # most tokens in one forward: a long prompt is read in chunks between others' tokens
+# Most tokens in one forward, by device: a long prompt is read in chunks between others' tokens. On
+# CUDA a step of 512 tokens was bound by Python queueing its kernels (80 ms, the GPU busy for 19), so
+# a larger chunk costs the decoding sequences little more wait and reads prompts several times faster;
+# on a small CPU a step's time grows with its tokens, and 512 already stalls the others for seconds.
+STEP_TOKENS = {"cuda": 2048, "cpu": 512}
 # Of the memory free after loading, the share the KV pool takes: the rest is for activations, the
 # logits of echoed prompts and whatever else runs on the machine.
 POOL_SHARE = {"cuda": 0.85, "cpu": 0.5}
@@ -150,8 +155,9 @@ class DecodeGraphs:
         copied.record()
         graph.replay()
         out = logits[:b].to(torch.float32, copy=True)  # a copy even in float32: the next replay overwrites the graph's
-        argmax = out.argmax(dim=-1)
-        back[:, :b].copy_(torch.stack([torch.isfinite(out).all(dim=-1).long(), argmax]), non_blocking=True)
+        both = ops.finite_and_argmax(out)
+        argmax = both[1]
+        back[:, :b].copy_(both, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
         return Queued(seqs, positions, out, argmax, back, event)
@@ -187,7 +193,8 @@ class BatchDecoder:
         self.cache = PagedKVCache(cfg.num_hidden_layers, blocks + 1, BLOCK, cfg.num_key_value_heads, cfg.head_dim,
                                   context, model.dtype, model.device, lambda n: rope_table(cfg.head_dim, cfg.rope_theta, n, model.device))
         self.free = list(range(blocks))
-        self.width = self.blocks_for(context)  # a block table's row: the most blocks one sequence reads
+        self.width = table_width(self.blocks_for(context))  # a block table's row: the most blocks one sequence reads
+        self.step_tokens = STEP_TOKENS.get(model.device.type, STEP_TOKENS["cpu"])
         if graphs is None:  # a batch's experts on CUDA wait for the host in float32 and before Hopper
             graphs = model.device.type == "cuda" and not prefill_waits_for_host(model)
         self.graphs = DecodeGraphs(model, self.cache, self.width, blocks * BLOCK) if graphs else None
@@ -220,9 +227,11 @@ class BatchDecoder:
         seq.blocks, seq.sampler = [], None
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence], budget: int = STEP_TOKENS) -> dict[int, Output]:
+    def step(self, seqs: list[Sequence], budget: int | None = None) -> dict[int, Output]:
         """One forward for the sequences given (generating ones first, then prompt chunks while the
-        budget lasts); returns what each sequence that took part got, by its index in seqs."""
+        budget, step_tokens by default, lasts); returns what each sequence that took part got, by
+        its index in seqs."""
+        budget = self.step_tokens if budget is None else budget
         if seqs and all(not seq.reading and seq.generated for seq in seqs):
             return self._decode_step(seqs)
         self.ahead = None  # the batch changed: a step queued for the old one is not used
@@ -234,7 +243,7 @@ class BatchDecoder:
         budget -= len(decoding)
         plan = [(i, seqs[i], seqs[i].done, 1, row, row + 1, True) for row, i in enumerate(order[: len(decoding)])]
         positions: list[int] = []
-        spans = []
+        spans, tables = [], []
         for i in order[len(decoding):]:
             seq = seqs[i]
             if budget <= 0:
@@ -244,6 +253,7 @@ class BatchDecoder:
             start, t = seq.done, len(chunk)
             offset = len(ids)
             spans.append((offset - len(decoding), t, start, self.cache.slots_of(seq.blocks, start + t)))
+            tables.append(seq.blocks[: self.blocks_for(start + t)])
             ids += chunk
             positions += range(start, start + t)
             ends = start + t >= len(seq.prompt)  # the last row gives the next token's distribution
@@ -257,7 +267,11 @@ class BatchDecoder:
             return {}
         decode = self._paged(decoding, [seq.done for seq in decoding]) if decoding else None
         slots = torch.cat([s[start:] for _, _, start, s in spans]) if spans else torch.empty(0, dtype=torch.long, device=device)
-        batch = Ragged(torch.tensor(positions, dtype=torch.long, device=device), slots, spans, decode)
+        chunks = None
+        if spans:
+            chunks = PagedChunks([t for _, t, _, _ in spans], [start for _, _, start, _ in spans], tables, BLOCK,
+                                 table_width(max(len(r) for r in tables)), device)
+        batch = Ragged(torch.tensor(positions, dtype=torch.long, device=device), slots, spans, decode, chunks)
         tokens = torch.tensor([ids], device=device)
         logits = self.model(tokens, batch, self.cache, last=torch.tensor(rows, device=device))[0].float()
         finite, greedy = self._read_back(logits, [seq for _, seq, *_ in plan])
@@ -319,7 +333,7 @@ class BatchDecoder:
         """The decoding sequences' part of an eager step, its table as wide as its longest row."""
         device = self.model.device
         slots, rows = self._places(seqs, positions)
-        width = max(len(r) for r in rows)
+        width = table_width(max(len(r) for r in rows))
         table = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
         return PagedDecode(torch.tensor(positions, device=device), torch.tensor(slots, device=device), table.to(device), BLOCK)
 
@@ -336,7 +350,7 @@ class BatchDecoder:
         # Steps reading a whole chunk of prompt, of an even and an odd length (Triton specialises a
         # kernel on whether its sizes divide by 16): the kernels of the prompts' shapes compile (or
         # load from Triton's cache) now as well.
-        for length in (STEP_TOKENS, STEP_TOKENS - 3):
+        for length in (self.step_tokens, self.step_tokens - 3):
             probe = Sequence([0] * min(length, self.context), 1, SamplingParams(temperature=0))
             if self.admit(probe):
                 self.step([probe])
@@ -351,10 +365,9 @@ class BatchDecoder:
         without penalties: one read back for the whole batch, not one per sequence."""
         if not logits.shape[0]:
             return [], []
-        finite = torch.isfinite(logits).all(dim=-1)
         if not any(plain_greedy(seq) for seq in seqs):
-            return finite.tolist(), [None] * logits.shape[0]
-        both = torch.stack([finite.long(), logits.argmax(dim=-1)]).tolist()
+            return torch.isfinite(logits).all(dim=-1).tolist(), [None] * logits.shape[0]
+        both = ops.finite_and_argmax(logits).tolist()
         return [bool(f) for f in both[0]], both[1]
 
     def _prompt_logprobs(self, seq: Sequence, rows: torch.Tensor, start: int) -> list:
@@ -389,6 +402,13 @@ class BatchDecoder:
                 values, idx = torch.topk(lp, seq.logprobs)
                 step.top = list(zip(idx.tolist(), values.tolist()))
         return step
+
+
+def table_width(blocks: int) -> int:
+    """A block table's width: a multiple of 16. Triton specialises a kernel on whether each integer
+    argument divides by 16, so an eager step whose table had an odd width compiled the attention
+    kernel again (1.2 s inside a request, per variant) although its graphs had it compiled."""
+    return -(-blocks // 16) * 16
 
 
 def plain_greedy(seq: Sequence) -> bool:

@@ -1,5 +1,6 @@
-"""The decode-only step of a batch on CUDA: each sequence's new token attends over its own blocks of
-the paged KV cache, for all sequences and KV heads in one Triton kernel.
+"""Attention over the paged KV cache on CUDA, for a whole batch in one Triton kernel: the decode-only
+step (each sequence's new token over its own blocks) and the prompt chunks of a mixed step (each
+chunk's tokens over their sequence's blocks, causally).
 
 Why: the batch engine's ragged path runs attention as a loop over the sequences (a gather of each
 one's keys and values, then SDPA), five launches and their Python per sequence and layer: at 64
@@ -12,6 +13,13 @@ As kernels/triton/attention.py does for one sequence, the kernel also takes the 
 key and value as the projection left them: it rotates them (RoPE, torch's roundings: the launch
 turns off fused multiply-add), writes the key and value into their slot and uses them from
 registers, and the GROUP query heads of a KV head are the rows of one tensor-core product.
+
+The prompt chunks of a mixed step ran as a loop over the chunks (gather the sequence's keys and
+values, build its mask, SDPA): some ten launches and their Python per chunk and layer, most of a
+512-token step's 80 ms on an H200 whose GPU was busy for 19 of them. _paged_prefill takes every
+chunk at once: a program holds ROWS_T tokens of one chunk times the GROUP query heads of one KV
+head, and reads the blocks of the chunk's sequence up to its last token's position. Its keys and
+values are in the pool already (written by the caller, rotated as the chunk's queries are).
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ import torch
 
 from ernie_cli.kernels.triton import attention
 from ernie_cli.kernels.triton.gemv import tl, triton
-from ernie_cli.model.cache import PagedDecode
+from ernie_cli.model.cache import PagedChunks, PagedDecode
 
 QROWS = attention.QROWS  # query rows of a program, padded up from GROUP for tl.dot
 BLOCK_S = 64  # positions per iteration: several blocks of the table at once
+PREFILL_ROWS = 64  # rows of a _paged_prefill program: tokens x the GROUP query heads (padded to a power of two)
 
 
 def usable(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
@@ -103,6 +112,53 @@ if triton is not None:
             tl.store(acc_ptr + part[:, None] * D + d[None, :], acc)
 
 
+    @triton.jit
+    def _paged_prefill(
+        q_ptr, k_ptr, v_ptr, out_ptr, meta_ptr, table_ptr, prog_ptr, scale, table_stride,
+        HEADS: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
+        ROWS_T: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        # Program (p, kv): tokens i0 .. i0 + ROWS_T - 1 of chunk c (prog_ptr holds c and i0 of each p);
+        # its rows are (token, query head of KV head kv) pairs, the group padded to GROUP_P.
+        p = tl.program_id(0)
+        kv = tl.program_id(1)
+        c = tl.load(prog_ptr + 2 * p)
+        i0 = tl.load(prog_ptr + 2 * p + 1)
+        first = tl.load(meta_ptr + 4 * c).to(tl.int64)  # the chunk's first row in q
+        t = tl.load(meta_ptr + 4 * c + 1)
+        start = tl.load(meta_ptr + 4 * c + 2)
+        r = tl.arange(0, ROWS_T * GROUP_P)
+        i = i0 + r // GROUP_P
+        g = r % GROUP_P
+        rows = (i < t) & (g < GROUP)
+        pos = start + tl.minimum(i, t - 1)  # a padding row attends as the chunk's last token: never an empty row
+        d = tl.arange(0, D)
+        at_q = (first + i).to(tl.int64)[:, None] * (HEADS * D) + (kv * GROUP + g)[:, None] * D + d[None, :]
+        q = tl.load(q_ptr + at_q, mask=rows[:, None], other=0.0)
+        hi = start + tl.minimum(i0 + ROWS_T, t)  # keys past the program's last token are never seen
+        m = tl.full((ROWS_T * GROUP_P,), float("-inf"), tl.float32)
+        l = tl.zeros((ROWS_T * GROUP_P,), tl.float32)
+        acc = tl.zeros((ROWS_T * GROUP_P, D), tl.float32)
+        for s0 in range(0, hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            ok = s < hi
+            page = tl.load(table_ptr + c.to(tl.int64) * table_stride + s // PAGE, mask=ok, other=0).to(tl.int64)
+            at = ((page * PAGE + s % PAGE) * KV + kv)[:, None] * D + d[None, :]
+            k = tl.load(k_ptr + at, mask=ok[:, None], other=0.0)
+            v = tl.load(v_ptr + at, mask=ok[:, None], other=0.0)
+            scores = tl.dot(q, tl.trans(k)) * scale
+            # Key 0 is in the first stretch and seen by every row, so m is finite from then on.
+            scores = tl.where(ok[None, :] & (s[None, :] <= pos[:, None]), scores, float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, 1))
+            alpha = tl.exp(m - m_new)
+            prob = tl.exp(scores - m_new[:, None])
+            l = l * alpha + tl.sum(prob, 1)
+            acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
+            m = m_new
+        out = acc / l[:, None]
+        tl.store(out_ptr + at_q, out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
+
+
 def splits_for(b: int, kv: int) -> int:
     """Stretches per (sequence, KV head): enough programs to fill the GPU's multiprocessors (132 on
     an H200) when the batch is small; one, and no second kernel, once the batch alone does."""
@@ -135,4 +191,24 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Ten
     )
     if splits > 1:
         attention._combine[(b * heads,)](m, l, acc, out, GROUP=heads // kv, D=dim, SPLITS=splits, QROWS=QROWS)
+    return out
+
+
+def prefill(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, chunks: PagedChunks, scale: float) -> torch.Tensor:
+    """The prompt chunks' queries q [N, H, D] (rotated, contiguous, the chunks one after another),
+    their keys and values already in the pool cache_k/cache_v [slots, KV, D] -> [N, H * D]: each
+    token attends over its sequence's positions up to its own."""
+    n, heads, dim = q.shape
+    kv = cache_k.shape[1]
+    assert q.is_contiguous() and cache_k.is_contiguous() and cache_v.is_contiguous()
+    out = torch.empty((n, heads * dim), device=q.device, dtype=q.dtype)
+    group = heads // kv
+    group_p = triton.next_power_of_2(group)
+    rows_t = PREFILL_ROWS // group_p
+    programs = chunks.programs(rows_t)
+    _paged_prefill[(programs.shape[0], kv)](
+        q, cache_k, cache_v, out, chunks.meta, chunks.table, programs, scale, chunks.table.stride(0),
+        HEADS=heads, KV=kv, GROUP=group, GROUP_P=group_p, D=dim, ROWS_T=rows_t, PAGE=chunks.block,
+        BLOCK_S=BLOCK_S, num_warps=4,
+    )
     return out
