@@ -44,6 +44,25 @@ def usable(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def rotated(ptr, at, at_mate, mask, cos, sin, sign):
+        """model.apply_rope in float32 of the entries at `at`, each paired with the one at `at_mate`
+        (2j with 2j+1); sign is -1 for even entries. The launch turns off fused multiply-add, so the
+        roundings are torch's (the caller rounds the result to the activation dtype)."""
+        x = tl.load(ptr + at, mask=mask, other=0.0).to(tl.float32)
+        mate = tl.load(ptr + at_mate, mask=mask, other=0.0).to(tl.float32)
+        return x * cos + (sign * mate) * sin
+
+    @triton.jit
+    def attend(q, k, v, visible, scale, m, l, acc):
+        """Online softmax over one stretch of keys k and values v for the query rows q: the running
+        max m, sum l and weighted sum acc after it (visible: the scores that count)."""
+        scores = tl.where(visible, tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(scores - m_new[:, None])
+        return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    @triton.jit
     def _partial(
         q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale, kv_stride,
         k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, trig_stride,
@@ -70,11 +89,9 @@ if triton is not None:
             cos = tl.load(cos_ptr + pos * trig_stride + d)  # trig_stride 0: the row itself was given
             sin = tl.load(sin_ptr + pos * trig_stride + d)
             sign = tl.where(d % 2 == 0, -1.0, 1.0)
-            mate = tl.load(q_ptr + rows + (d ^ 1)[None, :], mask=(r < GROUP)[:, None], other=0.0).to(tl.float32)
-            q = (q.to(tl.float32) * cos[None, :] + (sign[None, :] * mate) * sin[None, :]).to(q.dtype)
-            k_one = tl.load(k_new_ptr + kv * D + d).to(tl.float32)
-            k_mate = tl.load(k_new_ptr + kv * D + (d ^ 1)).to(tl.float32)
-            k_one = (k_one * cos + (sign * k_mate) * sin).to(k_ptr.dtype.element_ty)
+            q = rotated(q_ptr, rows + d[None, :], rows + (d ^ 1)[None, :], (r < GROUP)[:, None],
+                        cos[None, :], sin[None, :], sign[None, :]).to(q.dtype)
+            k_one = rotated(k_new_ptr, kv * D + d, kv * D + (d ^ 1), d < D, cos, sin, sign).to(k_ptr.dtype.element_ty)
             v_one = tl.load(v_new_ptr + kv * D + d).to(k_ptr.dtype.element_ty)
             if (start <= pos) & (pos < end):
                 tl.store(k_ptr + base + pos * D + d, k_one)
@@ -95,14 +112,7 @@ if triton is not None:
                 v = tl.where(new, v_one[None, :], v)
             if F32:
                 k, v = k.to(tl.float32), v.to(tl.float32)
-            scores = tl.dot(q, tl.trans(k)) * scale
-            scores = tl.where(ok[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            m, l, acc = attend(q, k, v, ok[None, :], scale, m, l, acc)
         out = (kv * SPLITS + split) * QROWS + r
         tl.store(m_ptr + out, m)
         tl.store(l_ptr + out, l)

@@ -71,11 +71,10 @@ if triton is not None:
         cos = tl.load(cos_ptr + pos * D + d)
         sin = tl.load(sin_ptr + pos * D + d)
         sign = tl.where(d % 2 == 0, -1.0, 1.0)
-        mate = tl.load(q_ptr + b * q_stride + heads + (d ^ 1)[None, :], mask=rows[:, None], other=0.0).to(tl.float32)
-        q = (q.to(tl.float32) * cos[None, :] + (sign[None, :] * mate) * sin[None, :]).to(q.dtype)
-        k_one = tl.load(k_new_ptr + b * k_stride + kv * D + d).to(tl.float32)
-        k_mate = tl.load(k_new_ptr + b * k_stride + kv * D + (d ^ 1)).to(tl.float32)
-        k_one = (k_one * cos + (sign * k_mate) * sin).to(k_ptr.dtype.element_ty)
+        q = attention.rotated(q_ptr + b * q_stride, heads + d[None, :], heads + (d ^ 1)[None, :], rows[:, None],
+                              cos[None, :], sin[None, :], sign[None, :]).to(q.dtype)
+        k_one = attention.rotated(k_new_ptr + b * k_stride, kv * D + d, kv * D + (d ^ 1), d < D, cos, sin, sign)
+        k_one = k_one.to(k_ptr.dtype.element_ty)
         v_one = tl.load(v_new_ptr + b * v_stride + kv * D + d).to(k_ptr.dtype.element_ty)
         if (start <= pos) & (pos < end):  # the one program whose stretch holds pos writes the new slot
             slot = tl.load(slot_ptr + b).to(tl.int64)
@@ -94,14 +93,7 @@ if triton is not None:
             new = (s == pos)[:, None]  # the new key and value from registers, not from the store above
             k = tl.where(new, k_one[None, :], k)
             v = tl.where(new, v_one[None, :], v)
-            scores = tl.dot(q, tl.trans(k)) * scale
-            scores = tl.where(ok[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
+            m, l, acc = attention.attend(q, k, v, ok[None, :], scale, m, l, acc)
         if SPLITS == 1:
             out = acc / l[:, None]
             tl.store(out_ptr + b * HEADS * D + heads + d[None, :], out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
@@ -146,15 +138,8 @@ if triton is not None:
             at = ((page * PAGE + s % PAGE) * KV + kv)[:, None] * D + d[None, :]
             k = tl.load(k_ptr + at, mask=ok[:, None], other=0.0)
             v = tl.load(v_ptr + at, mask=ok[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k)) * scale
             # Key 0 is in the first stretch and seen by every row, so m is finite from then on.
-            scores = tl.where(ok[None, :] & (s[None, :] <= pos[:, None]), scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, 1))
-            alpha = tl.exp(m - m_new)
-            prob = tl.exp(scores - m_new[:, None])
-            l = l * alpha + tl.sum(prob, 1)
-            acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
-            m = m_new
+            m, l, acc = attention.attend(q, k, v, ok[None, :] & (s[None, :] <= pos[:, None]), scale, m, l, acc)
         out = acc / l[:, None]
         tl.store(out_ptr + at_q, out.to(out_ptr.dtype.element_ty), mask=rows[:, None])
 
