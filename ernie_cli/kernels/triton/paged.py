@@ -103,7 +103,6 @@ if triton is not None:
             tl.store(l_ptr + part, l)
             tl.store(acc_ptr + part[:, None] * D + d[None, :], acc)
 
-
     @triton.jit
     def _paged_prefill(
         q_ptr, k_ptr, v_ptr, out_ptr, meta_ptr, table_ptr, prog_ptr, scale, table_stride,
