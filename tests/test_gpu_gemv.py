@@ -200,9 +200,9 @@ def test_torch_compile_sees_only_the_output_written(kernel):
     t = lambda *shape, dtype=torch.bfloat16: torch.empty(shape, dtype=dtype, device="cuda")  # noqa: E731
     common = dict(x_ptr=t(8, 256), x_slot_stride=256, idx_ptr=t(8, dtype=torch.int64), s_ptr=t(5, 64, 4), z_ptr=t(5, 64, 4),
                   out_ptr=t(8, 64), N=64, P=8, w_expert_stride=64 * 256, s_expert_stride=256, w_row_stride=256, s_row_stride=4,
-                  HAS_IDX=True, BLOCK_N=16)
+                  HAS_IDX=True, BLOCK_N=16, PDL=False)
     if kernel == "_gemv":
-        args = dict(common, w_ptr=t(5, 64, 256), K=256, FMT=0, GROUP=64, BLOCK_K=128)
+        args = dict(common, w_ptr=t(5, 64, 256), K=256, FMT=0, GROUP=64, BLOCK_K=128, SWIGLU=False)
     else:
         args = dict(common, w_ptr=t(5, 64, 32, dtype=torch.int32), KW=32, FMT=2, GROUP_WORDS=8, BLOCK_W=32, EVEN_N=True,
                     EMULATE=False, SWIGLU=False)

@@ -21,6 +21,7 @@ import os
 
 import torch
 
+from ernie_cli.kernels.triton import overlap
 from ernie_cli.kernels.triton.gemv import tl, triton
 
 SPLITS = 16  # stretches per KV head: 4 KV heads x 16 = 64 programs, and 8,192 cached tokens give each 512
@@ -42,6 +43,7 @@ def usable(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    from ernie_cli.kernels.triton.overlap import wait_for_inputs  # a module name: gemv.py says why
 
     @triton.jit
     def rotated(ptr, at, at_mate, mask, cos, sin, sign):
@@ -67,8 +69,9 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale, kv_stride,
         k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, trig_stride,
         GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, QROWS: tl.constexpr, BLOCK_S: tl.constexpr,
-        F32: tl.constexpr, ROPE_WRITE: tl.constexpr,
+        F32: tl.constexpr, ROPE_WRITE: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_for_inputs(PDL)
         kv = tl.program_id(0)
         split = tl.program_id(1)
         pos = tl.load(pos_ptr).to(tl.int32)
@@ -119,7 +122,9 @@ if triton is not None:
         tl.store(acc_ptr + out[:, None] * D + d[None, :], acc)
 
     @triton.jit
-    def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, QROWS: tl.constexpr):
+    def _combine(m_ptr, l_ptr, acc_ptr, out_ptr, GROUP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, QROWS: tl.constexpr,
+                 PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         head = tl.program_id(0)
         kv = head // GROUP
         sp = tl.arange(0, SPLITS)
@@ -204,7 +209,7 @@ def _attend(q2, cache_k, cache_v, pos, scale, block_s, new=None):
     _partial[(kv, SPLITS)](
         q2, cache_k, cache_v, pos, m, l, acc, scale, cache_k.stride(1), *extra,
         GROUP=heads // kv, D=dim, SPLITS=SPLITS, QROWS=QROWS, BLOCK_S=block_s, F32=_DOT_IN_FLOAT32,
-        ROPE_WRITE=new is not None, enable_fp_fusion=new is None,
+        ROPE_WRITE=new is not None, enable_fp_fusion=new is None, **overlap.launch_args(q2),
     )
-    _combine[(heads,)](m, l, acc, out, GROUP=heads // kv, D=dim, SPLITS=SPLITS, QROWS=QROWS)
+    _combine[(heads,)](m, l, acc, out, GROUP=heads // kv, D=dim, SPLITS=SPLITS, QROWS=QROWS, **overlap.launch_args(q2))
     return out

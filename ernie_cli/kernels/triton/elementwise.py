@@ -19,15 +19,18 @@ from __future__ import annotations
 import torch
 
 from ernie_cli.kernels.triton import gemv as gpu_gemv
+from ernie_cli.kernels.triton import overlap
 from ernie_cli.kernels.triton.gemv import tl, triton
 
 usable = gpu_gemv.usable_eagerly
 
 
 if triton is not None:
+    from ernie_cli.kernels.triton.overlap import wait_for_inputs  # a module name: gemv.py says why
 
     @triton.jit
-    def _rms_norm(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
+    def _rms_norm(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < H
@@ -39,7 +42,8 @@ if triton is not None:
         tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _add_rms_norm(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, H, eps, BLOCK: tl.constexpr):
+    def _add_rms_norm(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < H
@@ -54,8 +58,9 @@ if triton is not None:
         tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _argmax_finite(x_ptr, out_ptr, V, BLOCK: tl.constexpr):
+    def _argmax_finite(x_ptr, out_ptr, V, BLOCK: tl.constexpr, PDL: tl.constexpr):
         # One program per row: its first largest entry, and whether every entry is finite.
+        wait_for_inputs(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         best = tl.full((BLOCK,), float("-inf"), tl.float32)
@@ -75,7 +80,9 @@ if triton is not None:
         tl.store(out_ptr + 2 * row + 1, first.to(tl.int64))
 
     @triton.jit
-    def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, x_token_stride, x_head_stride, D: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _rope(x_ptr, cos_ptr, sin_ptr, out_ptr, heads, x_token_stride, x_head_stride, D: tl.constexpr, BLOCK_H: tl.constexpr,
+              PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         j = tl.arange(0, D // 2)
@@ -94,7 +101,8 @@ if triton is not None:
 
 
     @triton.jit
-    def _weighted_sum(y_ptr, w_ptr, out_ptr, H, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+    def _weighted_sum(y_ptr, w_ptr, out_ptr, H, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         p = tl.arange(0, BLOCK_P)
         ok = (p < P)[:, None] & (cols < H)[None, :]
@@ -109,7 +117,8 @@ def weighted_sum(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.
     y, w = y.contiguous(), w.contiguous()
     out = torch.empty((1, h), dtype=dtype, device=y.device)
     block = 512  # 5 programs for H = 2,560: the sum is a few microseconds at most, its launch the cost
-    _weighted_sum[(triton.cdiv(h, block),)](y, w, out, h, P=p, BLOCK_P=triton.next_power_of_2(p), BLOCK=block)
+    _weighted_sum[(triton.cdiv(h, block),)](y, w, out, h, P=p, BLOCK_P=triton.next_power_of_2(p), BLOCK=block,
+                                             **overlap.launch_args(y))
     return out
 
 
@@ -118,7 +127,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.shape[-1]
     rows = x.reshape(-1, h).contiguous()
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    _rms_norm[(rows.shape[0],)](rows, weight, out, h, eps, BLOCK=triton.next_power_of_2(h))
+    _rms_norm[(rows.shape[0],)](rows, weight, out, h, eps, BLOCK=triton.next_power_of_2(h), **overlap.launch_args(x))
     return out.view(x.shape)
 
 
@@ -128,7 +137,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     rows, deltas = x.reshape(-1, h).contiguous(), delta.reshape(-1, h).contiguous()
     total = torch.empty_like(rows)
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    _add_rms_norm[(rows.shape[0],)](rows, deltas, weight, total, out, h, eps, BLOCK=triton.next_power_of_2(h))
+    _add_rms_norm[(rows.shape[0],)](
+        rows, deltas, weight, total, out, h, eps, BLOCK=triton.next_power_of_2(h), **overlap.launch_args(x))
     return total.view(x.shape), out.view(x.shape)
 
 
@@ -139,7 +149,7 @@ def argmax_finite(logits: torch.Tensor) -> torch.Tensor:
     b, v = logits.shape
     logits = logits.contiguous()
     out = torch.empty((b, 2), dtype=torch.int64, device=logits.device)  # B is no argument: no kernel per batch size
-    _argmax_finite[(b,)](logits, out, v, BLOCK=2048, num_warps=8)
+    _argmax_finite[(b,)](logits, out, v, BLOCK=2048, num_warps=8, **overlap.launch_args(logits))
     return out.t()
 
 
@@ -152,5 +162,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     block_h = min(triton.next_power_of_2(heads), 16)
     _rope[(t, triton.cdiv(heads, block_h))](
         x, cos, sin, out, heads, x.stride(0), x.stride(1), D=d, BLOCK_H=block_h, enable_fp_fusion=False,
+        **overlap.launch_args(x),
     )
     return out

@@ -24,7 +24,7 @@ import os
 
 import torch
 
-from ernie_cli.kernels.triton import tuned
+from ernie_cli.kernels.triton import overlap, tuned
 
 try:  # Triton comes with CUDA builds of torch; CPU-only installs never call this module
     import triton
@@ -69,6 +69,9 @@ def uses_dp4a(fmt: str, k: int) -> bool:
 
 
 if triton is not None:
+    # A name of this module, not overlap.wait_for_inputs: Inductor copies a traced kernel's source
+    # with the Triton functions it finds among the module's names, and misses attributes of others.
+    from ernie_cli.kernels.triton.overlap import wait_for_inputs
 
     def _configs():
         # The K=1024 shapes keep more bytes in flight per program, which int4 (half a byte a weight)
@@ -135,7 +138,7 @@ if triton is not None:
         N, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
         KW: tl.constexpr, FMT: tl.constexpr, GROUP_WORDS: tl.constexpr, HAS_IDX: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, EVEN_N: tl.constexpr, EMULATE: tl.constexpr,
-        SWIGLU: tl.constexpr,
+        SWIGLU: tl.constexpr, PDL: tl.constexpr,
     ):
         # Why this shape: the float kernels spend 4-12 instructions a weight turning codes into floats
         # (docs/performance.md), so int8 and int4 GEMVs were bound by instructions, not by memory. Here
@@ -147,6 +150,7 @@ if triton is not None:
         # largest |x|), as llama.cpp's q8_1 activations. Every program rounds x itself: a separate
         # kernel would cost a launch per product. That replicated work is why matrices of few rows
         # per program (int8's shared experts) ran slower here than in _gemv, timed alone.
+        wait_for_inputs(PDL)
         slot, rows, row_ok = _program_rows(N, BLOCK_N)
         e = _program_expert(idx_ptr, HAS_IDX)
         NGW: tl.constexpr = BLOCK_W // GROUP_WORDS
@@ -211,8 +215,9 @@ if triton is not None:
         x_ptr, x_slot_stride, idx_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
         N, K, P, w_expert_stride, s_expert_stride, w_row_stride, s_row_stride,
         FMT: tl.constexpr, GROUP: tl.constexpr, HAS_IDX: tl.constexpr, SWIGLU: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_for_inputs(PDL)
         slot, rows, row_ok = _program_rows(N, BLOCK_N)
         e = _program_expert(idx_ptr, HAS_IDX)
         x_base = x_ptr + slot * x_slot_stride
@@ -305,7 +310,7 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
             zeros if zeros is not None else dummy, out,
             n, p, w_stride // 4, s_stride, words.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
             KW=k // cols, FMT=FORMATS[fmt], GROUP_WORDS=(group_size if fmt == "int4" else 64) // cols,
-            HAS_IDX=experts is not None, EMULATE=_EMULATE_DP4A, SWIGLU=swiglu, **fixed,
+            HAS_IDX=experts is not None, EMULATE=_EMULATE_DP4A, SWIGLU=swiglu, **fixed, **overlap.launch_args(x),
         )
         return out
     kernel, fixed = (_gemv, {}) if block is None else (_gemv.fn, {"BLOCK_N": block[0], "BLOCK_K": block[1]})
@@ -314,5 +319,6 @@ def gemv(fmt: str, x: torch.Tensor, weight: torch.Tensor, scales=None, zeros=Non
         scales if scales is not None else dummy, zeros if zeros is not None else dummy, out,
         n, k, p, w_stride, s_stride, weight.stride(-2), scales.stride(-2) if fmt == "int4" else 0,
         FMT=FORMATS[fmt], GROUP=group_size, HAS_IDX=experts is not None, SWIGLU=swiglu, **fixed,
+        **overlap.launch_args(x),
     )
     return out

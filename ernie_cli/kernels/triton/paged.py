@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from ernie_cli.kernels.triton import attention
+from ernie_cli.kernels.triton import attention, overlap
 from ernie_cli.kernels.triton.gemv import tl, triton
 from ernie_cli.model.cache import PagedChunks, PagedDecode
 
@@ -47,14 +47,16 @@ def usable(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
 
 
 if triton is not None:
+    from ernie_cli.kernels.triton.overlap import wait_for_inputs  # a module name: gemv.py says why
 
     @triton.jit
     def _paged_decode(
         q_ptr, k_new_ptr, v_new_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, table_ptr, out_ptr,
         m_ptr, l_ptr, acc_ptr, scale, q_stride, k_stride, v_stride, table_stride,
         HEADS: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, QROWS: tl.constexpr,
-        PAGE: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_S: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_for_inputs(PDL)
         b = tl.program_id(0).to(tl.int64)
         kv = tl.program_id(1)
         split = tl.program_id(2)
@@ -107,8 +109,9 @@ if triton is not None:
     def _paged_prefill(
         q_ptr, k_ptr, v_ptr, out_ptr, meta_ptr, table_ptr, prog_ptr, scale, table_stride,
         HEADS: tl.constexpr, KV: tl.constexpr, GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr,
-        ROWS_T: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr,
+        ROWS_T: tl.constexpr, PAGE: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
     ):
+        wait_for_inputs(PDL)
         # Program (p, kv): tokens i0 .. i0 + ROWS_T - 1 of chunk c (prog_ptr holds c and i0 of each p);
         # its rows are (token, query head of KV head kv) pairs, the group padded to GROUP_P.
         p = tl.program_id(0)
@@ -171,10 +174,11 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Ten
         q, k, v, cache_k, cache_v, cos, sin, batch.positions, batch.slots, batch.table, out, m, l, acc,
         scale, q.stride(1), k.stride(1), v.stride(1), batch.table.stride(0),
         HEADS=heads, KV=kv, GROUP=heads // kv, D=dim, QROWS=QROWS, PAGE=batch.block, BLOCK_S=BLOCK_S, SPLITS=splits,
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, **overlap.launch_args(q),
     )
     if splits > 1:
-        attention._combine[(b * heads,)](m, l, acc, out, GROUP=heads // kv, D=dim, SPLITS=splits, QROWS=QROWS)
+        attention._combine[(b * heads,)](
+            m, l, acc, out, GROUP=heads // kv, D=dim, SPLITS=splits, QROWS=QROWS, **overlap.launch_args(q))
     return out
 
 
@@ -193,6 +197,6 @@ def prefill(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, chunk
     _paged_prefill[(programs.shape[0], kv)](
         q, cache_k, cache_v, out, chunks.meta, chunks.table, programs, scale, chunks.table.stride(0),
         HEADS=heads, KV=kv, GROUP=group, GROUP_P=group_p, D=dim, ROWS_T=rows_t, PAGE=chunks.block,
-        BLOCK_S=BLOCK_S, num_warps=4,
+        BLOCK_S=BLOCK_S, num_warps=4, **overlap.launch_args(q),
     )
     return out

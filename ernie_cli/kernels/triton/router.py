@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import torch
 
+from ernie_cli.kernels.triton import overlap
 from ernie_cli.kernels.triton.gemv import tl, triton
 
 if triton is not None:
+    from ernie_cli.kernels.triton.overlap import wait_for_inputs  # a module name: gemv.py says why
 
     @triton.jit
     def _route(logits_ptr, bias_ptr, w_ptr, idx_ptr, E, norm_min, K: tl.constexpr, ALWAYS: tl.constexpr,
-               BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        wait_for_inputs(PDL)
         row = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         ok = e < E
@@ -60,5 +63,6 @@ def route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, norm_min: float,
         logits, bias, weights, idx, e, norm_min,
         K=top_k, ALWAYS=always, BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k + always),
         num_warps=1,  # one warp: no barriers in its top-k loop
+        **overlap.launch_args(logits),
     )
     return weights, idx
