@@ -53,6 +53,29 @@ def test_add_rms_norm_kernel_sum_is_torchs_and_norm_as_the_norm_kernel(dtype):
     assert torch.equal(normed, gpu_elementwise.rms_norm(x + delta, weight, 1e-5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_mixture_rms_norm_is_the_weighted_sum_then_the_addition(dtype):
+    """A MoE layer's unsummed expert outputs added in the norm's kernel: delta is sum_k p_k y_k in
+    float32 rounded once to the dtype (float64 reference; float32 sums may differ in the last bit
+    only), and the sum and norm are then those of add_rms_norm with that delta."""
+    gen = torch.Generator().manual_seed(5)
+    weight = (1 + 0.1 * torch.randn(2560, generator=gen)).to(dtype).cuda()
+    x = (3 * torch.randn(1, 1, 2560, generator=gen)).to(dtype).cuda()
+    y = torch.randn(8, 2560, generator=gen).to(dtype).cuda()
+    p = torch.rand(8, generator=gen).to(dtype).cuda()
+    total, normed = gpu_elementwise.add_mixture_rms_norm(x, y, p, weight, 1e-5)
+    exact = (p.double()[:, None] * y.double()).sum(0)
+    delta = (total.double() - x.double()).view(-1)  # differs from the rounded delta by the addition's rounding
+    tol = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-20  # roundings of the sum, of delta and of x + delta
+    scale = x.double().abs().view(-1) + (p.double()[:, None] * y.double()).abs().sum(0)
+    assert ((delta - exact).abs() <= tol * scale).all()
+    if dtype == torch.bfloat16:  # float32 sums in another order give another bf16 now and then
+        rounded = (p.float()[:, None] * y.float()).sum(0).to(dtype)
+        ref_total, _ = gpu_elementwise.add_rms_norm(x, rounded.view(1, 1, -1), weight, 1e-5)
+        assert (total != ref_total).float().mean().item() < 0.01
+    assert torch.equal(normed, gpu_elementwise.rms_norm(total, weight, 1e-5))
+
+
 def test_argmax_finite_kernel_against_torch():
     """Rows of the head's width: the first of equal largest entries (torch.argmax's choice), a
     largest entry in the last partial block, and rows holding NaN, +inf or -inf flagged."""

@@ -16,7 +16,6 @@ def test_compile_option_to_step_mode():
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     assert [step_mode(o, gpu) for o in ("auto", "graph", "on", "off")] == ["graph", "graph", "compile", "eager"]
     assert [step_mode(o, cpu) for o in ("auto", "graph", "on", "off")] == ["eager", "eager", "compile", "eager"]
-    assert [step_mode(o, gpu, steady=True) for o in ("auto", "graph", "on", "off")] == ["compile", "graph", "compile", "eager"]
 
 
 def test_graph_mode_off_cuda_is_the_eager_step(checkpoints):

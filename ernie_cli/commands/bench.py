@@ -51,7 +51,7 @@ def bench(
     dtype: Annotated[str, typer.Option("--dtype", help="auto, bfloat16, float16 or float32.")] = "auto",
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="Quantize float weights while loading: int8 or int4.", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("-t", "--threads", help="CPU threads. [default: torch's, usually the physical cores]", show_default=False)] = None,
-    compile: Annotated[str, typer.Option("--compile", help="auto (on for CUDA), graph, on or off: the decode step as one CUDA graph, compiled by Inductor (on) or captured from the eager step (graph).")] = "auto",
+    compile: Annotated[str, typer.Option("--compile", help="auto (graph on CUDA), graph, on or off: the decode step as one CUDA graph, captured from the eager step (graph) or compiled by Inductor (on).")] = "auto",
     tp: Annotated[int, typer.Option("--tp", help="Split the model over N processes (tensor and expert parallel): one GPU each on CUDA, a share of the cores each on the CPU.")] = 1,
     output: Annotated[str, typer.Option("-o", "--output", help="md, json or csv.")] = "md",
     offline: Annotated[bool, typer.Option("--offline", help="Never touch the network.")] = False,
@@ -109,7 +109,7 @@ def bench(
     runtime.check_memory(cfg, tests, model_obj.dtype, dev)  # and beside the weights, before any test runs
     context = runtime.run_context(model_obj, name, size, quant)
     if tp == 1:
-        mode = step_mode(compile, dev, steady=True)
+        mode = step_mode(compile, dev)
         decoder = Decoder(prepare_for_decoding(model_obj, mode), mode)
     context["step"] = decoder.mode
     show = stderr_is_tty()

@@ -18,6 +18,7 @@ This is the only module that reads kernel switches:
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +103,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     and the norm done one after the other (delta None: x itself and its norm)."""
     if delta is None:
         return x, rms_norm(x, weight, eps)
+    if isinstance(delta, Mixture):
+        return triton_elementwise.add_mixture_rms_norm(x, delta.outputs, delta.weights, weight, eps)
     if _eager_triton(x) and delta.dtype == x.dtype and delta.shape == x.shape:
         return triton_elementwise.add_rms_norm(x, delta, weight, eps)
     x = x + delta
@@ -302,7 +305,7 @@ def all_reduce(x: torch.Tensor, group: parallel.Group) -> torch.Tensor:
     x itself, untouched, so that a model that is not split computes exactly what it always did."""
     if group.world == 1:
         return x
-    return parallel.all_reduce(x.contiguous())
+    return parallel.all_reduce(summed(x).contiguous())
 
 
 # ---- §2.5 the router -----------------------------------------------------------------------------------
@@ -326,9 +329,12 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
         logits = (x.float()[:, None, :] * weight).sum(-1)
     elif _eager_triton(x) and x.shape[0] == 1:
         # One kernel where torch takes three (the cast to float32, cuBLAS's dot and its reduce), in the
-        # decode step captured from the eager code. A fixed block: the tuner would time this shape
-        # in a first run, for a product of 64 rows.
-        logits = triton_gemv.gemv("float", x[0], weight, block=(4, 512), out_dtype=torch.float32)
+        # decode step captured from the eager code. A fixed block (the tuner would time this shape in
+        # a first run), one row a program and all of K in one load: with 64 rows, four rows a program
+        # left 16 programs walking K in five dependent loads, 2.65 µs a call against 1.29, and the
+        # whole step 8% slower for int4 and 4.5% for bf16 on an H200 (docs/performance.md).
+        block = (1, min(triton.next_power_of_2(x.shape[-1]), 8192))
+        logits = triton_gemv.gemv("float", x[0], weight, block=block, out_dtype=torch.float32)
     else:
         logits = F.linear(x.float(), weight)
     if TRITON and logits.is_cuda:
@@ -356,8 +362,10 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int,
 #   like transformers' eager loop (float32 on the CPU matches it bit for bit).
 
 
-def experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down, owned: range | None = None) -> torch.Tensor:
-    """x [T, H], the router's weights and expert ids [T, k] -> the weighted sum of the experts' outputs.
+def experts(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down,
+            owned: range | None = None) -> torch.Tensor | Mixture:
+    """x [T, H], the router's weights and expert ids [T, k] -> the weighted sum of the experts' outputs
+    (one token eagerly on CUDA: a Mixture, summed by the residual addition after the block).
 
     owned: the expert ids the stacks hold, where they hold only some (one rank of a split model);
     the sum is then over the slots routed to those experts alone."""
@@ -506,9 +514,34 @@ def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor
     return out
 
 
-def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down, down_takes_gate_up: bool = False) -> torch.Tensor:
+class Mixture(NamedTuple):
+    """One token's k expert outputs [k, H] and their router weights [k], not yet summed. Made in the
+    eager (and captured) decode step on CUDA, where the residual addition after the MoE block sums
+    them in its own kernel (add_rms_norm): the weighted sum was a kernel of its own in every MoE
+    layer, one of 28 dependent launches that each cost the step a few microseconds."""
+
+    outputs: torch.Tensor
+    weights: torch.Tensor
+    dtype: torch.dtype
+    shape: tuple[int, ...] = (1, -1)
+
+    def view(self, *shape: int) -> Mixture:
+        return self._replace(shape=shape)
+
+
+def summed(x: torch.Tensor | Mixture) -> torch.Tensor:
+    """x itself, or a Mixture's weighted sum in its own kernel (where something else than the
+    residual addition takes it: the ranks' all-reduce, the shared experts outside the stack)."""
+    if isinstance(x, Mixture):
+        return triton_elementwise.weighted_sum(x.outputs, x.weights, x.dtype).view(x.shape)
+    return x
+
+
+def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate_up, down,
+                 down_takes_gate_up: bool = False) -> torch.Tensor | Mixture:
     """One token through its k experts: gate_up(x [H], experts) -> [k, 2I] and down(h [k, I], experts)
-    -> [k, H]. down_takes_gate_up: down is given [k, 2I] and forms silu(gate) * up itself."""
+    -> [k, H]. down_takes_gate_up: down is given [k, 2I] and forms silu(gate) * up itself. Eagerly
+    on CUDA the outputs are left unsummed (a Mixture)."""
     experts = idx[0]
     gu = gate_up(x[0], experts)
     if not down_takes_gate_up:
@@ -516,9 +549,9 @@ def run_selected(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, gate
         gu = (F.silu(gate) * up).contiguous()
     y = down(gu, experts)
     if y.is_cuda and not _compiling():
-        # Eagerly (and in the captured decode graph) one kernel: the additions below are 2k - 1
+        # Eagerly (and in the captured decode graph) no kernel here: the additions below are 2k - 1
         # kernels of a few microseconds each, which Inductor fuses but an eager step pays.
-        return triton_elementwise.weighted_sum(y, weights[0], x.dtype)
+        return Mixture(y, weights[0], x.dtype)
     y, w = y.float(), weights[0].float()
     if not _compiling():
         # Eagerly on the CPU one product: the additions below are some twenty torch calls, at about

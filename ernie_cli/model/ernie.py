@@ -189,9 +189,9 @@ class MoE(nn.Module):
         b, t, h = x.shape
         x = x.view(-1, h)
         weights, idx = self.gate(x)  # with the shared experts last where the loader moved them into the stack
-        out = self.experts(x, weights, idx)
+        out = self.experts(x, weights, idx)  # one token on CUDA: an ops.Mixture, summed by the next residual addition
         if self.shared_experts is not None:  # added after the routed sum, as transformers does
-            out = out + self.shared_experts(x)
+            out = ops.summed(out) + self.shared_experts(x)
         return out.view(b, t, h)
 
 
@@ -273,8 +273,9 @@ class ErnieForCausalLM(nn.Module):
         x, delta = self.embed_tokens(tokens, self.dtype), None
         for layer, layer_cache in zip(self.layers, cache.layers):
             x, delta = layer(x, delta, cos, sin, start, layer_cache)
-        if isinstance(last, torch.Tensor):
-            x, delta = x.index_select(1, last), delta.index_select(1, last) if delta is not None else None
-        elif last is not None:
-            x, delta = x[:, last:][:, :1], delta[:, last:][:, :1] if delta is not None else None  # a negative index counts from the end
+        if last is not None and t > 1:  # one position has nothing to pick (and its delta may be an ops.Mixture)
+            if isinstance(last, torch.Tensor):
+                x, delta = x.index_select(1, last), delta.index_select(1, last) if delta is not None else None
+            else:
+                x, delta = x[:, last:][:, :1], delta[:, last:][:, :1] if delta is not None else None  # a negative index counts from the end
         return ops.linear(self.norm.add(x, delta)[1], self.head_weight())

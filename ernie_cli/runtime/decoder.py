@@ -17,20 +17,17 @@ from ernie_cli.model.cache import KVCache
 from ernie_cli.model.ernie import ErnieForCausalLM, MoE
 
 
-def step_mode(option: str, device: torch.device, steady: bool = False) -> str:
+def step_mode(option: str, device: torch.device) -> str:
     """--compile auto|graph|on|off -> "graph", "compile" or "eager".
 
-    On CUDA, auto is "graph" for a run judged from start to end (`ernie complete`): the eager step's
-    kernels (Triton, cuBLAS and a few torch ops, static shapes, no host sync) captured as one CUDA
-    graph, with no Dynamo or Inductor, which spend seconds before the second token even with their
-    caches warm. For a steady rate (`ernie bench`, steady=True) auto is "compile": Inductor's
-    fused step is faster per token once it exists (docs/performance.md). On the CPU there are no
-    graphs, and compiling is not won back."""
+    On CUDA, auto is "graph": the eager step's kernels (Triton, cuBLAS and a few torch ops, static
+    shapes, no host sync) captured as one CUDA graph, with no Dynamo or Inductor, which spend
+    seconds before the second token even with their caches warm; and per token the captured step is
+    also the faster, in every format (docs/performance.md), so `ernie bench`'s steady rates take it
+    too. On the CPU there are no graphs, and compiling is not won back."""
     if device.type != "cuda":
         return "compile" if option == "on" else "eager"
-    if option == "auto":
-        return "compile" if steady else "graph"
-    return {"graph": "graph", "on": "compile", "off": "eager"}[option]
+    return {"auto": "graph", "graph": "graph", "on": "compile", "off": "eager"}[option]
 
 
 def _compile_settings() -> None:

@@ -42,13 +42,8 @@ if triton is not None:
         tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _add_rms_norm(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        wait_for_inputs(PDL)
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < H
+    def _store_sum_and_norm(x_ptr, delta, w_ptr, sum_ptr, out_ptr, row, cols, ok, H, eps):
         x = tl.load(x_ptr + row * H + cols, mask=ok, other=0.0)
-        delta = tl.load(d_ptr + row * H + cols, mask=ok, other=0.0)
         total = (x.to(tl.float32) + delta.to(tl.float32)).to(x_ptr.dtype.element_ty)  # torch's addition: one rounding
         tl.store(sum_ptr + row * H + cols, total, mask=ok)
         h = total.to(tl.float32)
@@ -56,6 +51,29 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=ok, other=0.0)
         y = h.to(x_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
         tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _add_rms_norm(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_for_inputs(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < H
+        delta = tl.load(d_ptr + row * H + cols, mask=ok, other=0.0)
+        _store_sum_and_norm(x_ptr, delta, w_ptr, sum_ptr, out_ptr, row, cols, ok, H, eps)
+
+    @triton.jit
+    def _add_mixture_rms_norm(x_ptr, y_ptr, p_ptr, w_ptr, sum_ptr, out_ptr, H, eps, P: tl.constexpr,
+                              BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # One token: delta is the P expert outputs y weighed by p, summed in float32 slot by slot
+        # and rounded to the activation dtype, as _weighted_sum gives it.
+        wait_for_inputs(PDL)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < H
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for slot in tl.static_range(P):
+            y = tl.load(y_ptr + slot * H + cols, mask=ok, other=0.0).to(tl.float32)
+            acc += y * tl.load(p_ptr + slot).to(tl.float32)
+        _store_sum_and_norm(x_ptr, acc.to(x_ptr.dtype.element_ty), w_ptr, sum_ptr, out_ptr, 0, cols, ok, H, eps)
 
     @triton.jit
     def _argmax_finite(x_ptr, out_ptr, V, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -139,6 +157,19 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     _add_rms_norm[(rows.shape[0],)](
         rows, deltas, weight, total, out, h, eps, BLOCK=triton.next_power_of_2(h), **overlap.launch_args(x))
+    return total.view(x.shape), out.view(x.shape)
+
+
+def add_mixture_rms_norm(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm of one token x [.., H] and delta = sum_k p_k y_k of its expert outputs y [k, H]
+    (router weights p [k]), in one kernel: a MoE layer's weighted sum needs no kernel of its own."""
+    h = x.shape[-1]
+    rows, y, p = x.reshape(-1, h).contiguous(), y.contiguous(), p.contiguous()
+    assert rows.shape[0] == 1 and y.shape[-1] == h
+    total = torch.empty_like(rows)
+    out = torch.empty(rows.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    _add_mixture_rms_norm[(1,)](rows, y, p, weight, total, out, h, eps, P=y.shape[0], BLOCK=triton.next_power_of_2(h),
+                                num_warps=8, **overlap.launch_args(x))
     return total.view(x.shape), out.view(x.shape)
 
 
