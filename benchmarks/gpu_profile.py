@@ -4,7 +4,7 @@ Usage (GPU machine): python benchmarks/gpu_profile.py CONFIG [--layers N] [--qua
                                                          [--mode compile|graph]
 
 Builds the model with random weights on the GPU, makes the decode step as `ernie bench --compile on`
-(Inductor, the default) or `ernie complete` (graph: captured from the eager code) does, times `--steps` steps (median of CUDA-event times), then records them with torch.profiler (CUPTI
+(Inductor) or `ernie complete` and `ernie bench` by default (graph: captured from the eager code) do, times `--steps` steps (median of CUDA-event times), then records them with torch.profiler (CUPTI
 reports the kernels inside CUDA-graph replays) and prints, per step: each kernel's count and time,
 kernel time by kind, and the gap between the step's wall time and the sum of its kernels (launch and
 idle time between kernels, which is what fusing kernels wins back).
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--quantize", choices=("int8", "int4"))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=18)
-    ap.add_argument("--mode", choices=("compile", "graph"), default="compile")
+    ap.add_argument("--mode", choices=("compile", "graph"), default="graph")
     args = ap.parse_args()
 
     cfg = parse_config(json.loads(open(args.config).read()))

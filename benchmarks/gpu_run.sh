@@ -4,7 +4,7 @@
 #
 # Usage: bash benchmarks/gpu_run.sh MODE [ARGS...]
 #   bench [OPTIONS...]    `ernie bench -o json`; without -m or --config, the full 21B-A3B shape with random
-#                         weights. Defaults --device cuda --dtype bfloat16 --compile on -p 512 -n 128 -r 5;
+#                         weights. Defaults --device cuda --dtype bfloat16 -p 512 -n 128 -r 5 (the step as `ernie bench` makes it);
 #                         naming an option again overrides it (the last value wins), e.g. -p 0 --quantize int4
 #   hf [OPTIONS...]       benchmarks/hf_baseline.py on the same shape: transformers' own speed
 #   parity [SHAPE...]     benchmarks/cuda_parity.py: the CUDA path against transformers' float32
@@ -47,7 +47,7 @@ start=$(date +%s)
 case "$MODE" in
   bench)
     model=(--config "$CFG"); given "$@" -- -m --model --config && model=()
-    limited python3 -m ernie_cli bench "${model[@]}" --device cuda --dtype bfloat16 --compile on -p 512 -n 128 -r 5 "$@" \
+    limited python3 -m ernie_cli bench "${model[@]}" --device cuda --dtype bfloat16 -p 512 -n 128 -r 5 "$@" \
       -o json > "$OUT/bench.json" 2> "$LOG"
     rc=$?; grep -v -i warn "$LOG" | tail -8 >&2
     python3 - "$OUT/bench.json" > "$TABLE" <<'PY' || echo "no result: see $LOG" >&2

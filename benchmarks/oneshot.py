@@ -13,7 +13,7 @@ Rows (all by default):
   full    the full 21B-A3B as an int4 directory (11.6 GB), -n 64
   load    the full 21B-A3B in bf16 (43.7 GB, a sparse file read back as zeros): page cache to GPU
   n512    bf16, -n 512: complete's own decode rate against `ernie bench` tg128 on the same directory
-          (last: the bench compiles its step with Inductor)
+          (last: the bench's step is captured as complete's is)
   hf      (with --hf) transformers from_pretrained + generate, greedy, -n 64, on the bf16 directory
 
 Checkpoints: the real 21B-A3B shapes (benchmarks/configs) cut to --layers layers, random weights
