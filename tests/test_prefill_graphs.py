@@ -7,7 +7,7 @@ minus the capture. The CUDA tests compare the replayed graph with the eager pref
 import pytest
 import torch
 
-from ernie_cli.runtime.decoder import Decoder, PrefillGraphs, prefill_waits_for_host
+from ernie_cli.runtime.decoder import Decoder, PrefillGraphs, prefill_waits_for_host, prompt_graphs
 from ernie_cli.runtime.generate import generate
 from ernie_cli.runtime.sampling import Sampler, SamplingParams
 from ernie_cli.weights.loader import load_model
@@ -172,16 +172,18 @@ def test_float32_experts_keep_the_eager_prefill_on_the_gpu(checkpoints):
 
 
 @hopper
-def test_compiled_generation_with_prefill_graphs_on_the_gpu(checkpoints):
-    """float32 on the GPU through the compiled Decoder (prefill graph, then the decode graph): the
-    same 32 greedy tokens as transformers."""
+@pytest.mark.parametrize("mode", ["compile", "graph"])
+def test_generation_with_prefill_graphs_on_the_gpu(checkpoints, mode):
+    """float32 on the GPU, a prefill graph, then the decode step compiled (Inductor) or captured
+    from the eager code with the prompt graphs beside it (as `ernie bench` runs it): the same 32
+    greedy tokens as transformers."""
     path, ref = checkpoints("dense")
     ids = _prompt(9, seed=11)
     with torch.no_grad():
         out = ref.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, repetition_penalty=1.5,
                            eos_token_id=None, pad_token_id=0)
     model = load_model(path, "cuda", torch.float32)
-    decoder = Decoder(model, "compile")
+    decoder = Decoder(model, mode, prompt_graphs(model) if mode == "graph" else None)
     assert decoder.prefill_graphs is not None
     sampler = Sampler(SamplingParams(temperature=0, repetition_penalty=1.5), model.config.vocab_size, model.device)
     got = [s.token for s in generate(model, ids[0].tolist(), 32, sampler, decoder=decoder)]

@@ -163,6 +163,15 @@ class PrefillGraphs:
         return graph, padded, last, logits
 
 
+def prompt_graphs(model: ErnieForCausalLM) -> PrefillGraphs | None:
+    """Prompts replayed as CUDA graphs, for runs of many prompts (a benchmark, the compiled mode),
+    where capturing a length once pays back; None where there are no graphs, or where the forward
+    waits for the host."""
+    if model.device.type != "cuda" or prefill_waits_for_host(model):
+        return None
+    return PrefillGraphs(model)
+
+
 class Decoder:
     """Runs the model over one sequence: owns its KV cache and the one-token step, in one of three
     modes (step_mode): "eager"; "graph", the eager step captured as one CUDA graph (StepGraph);
@@ -185,8 +194,7 @@ class Decoder:
             kind = "reduce-overhead" if model.device.type == "cuda" else "default"
             self.step = torch.compile(self._step, mode=kind, fullgraph=True)
             self.pos = torch.zeros(1, dtype=torch.long, device=model.device)
-            if prefill_graphs is None and model.device.type == "cuda" and not prefill_waits_for_host(model):
-                self.prefill_graphs = PrefillGraphs(model)
+            self.prefill_graphs = prefill_graphs or prompt_graphs(model)
 
     @property
     def compiled(self) -> bool:
