@@ -517,8 +517,8 @@ def run_grouped(expert, num_experts: int, x: torch.Tensor, weights: torch.Tensor
 class Mixture(NamedTuple):
     """One token's k expert outputs [k, H] and their router weights [k], not yet summed. Made in the
     eager (and captured) decode step on CUDA, where the residual addition after the MoE block sums
-    them in its own kernel (add_rms_norm): the weighted sum was a kernel of its own in every MoE
-    layer, one of 28 dependent launches that each cost the step a few microseconds."""
+    them in its own kernel (add_rms_norm): as a kernel of its own, the weighted sum cost the step a
+    dependent launch, a few microseconds, in every MoE layer (docs/performance.md)."""
 
     outputs: torch.Tensor
     weights: torch.Tensor
