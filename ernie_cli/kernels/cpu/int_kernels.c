@@ -94,8 +94,9 @@ static inline void store_out(void *out, int bf16, int64_t at, float v) {
         ((float *)out)[at] = v;
 }
 
-/* A macro: as a static function without side effects GCC deletes its calls. */
-#define prefetch_ahead(at) _mm_prefetch((const char *)(at) + PREFETCH, _MM_HINT_T0)
+/* A macro: as a static function without side effects GCC deletes its calls. PREFETCH_HINT, the cache
+ * level, is each instruction set's header's choice. */
+#define prefetch_ahead(at) _mm_prefetch((const char *)(at) + PREFETCH, PREFETCH_HINT)
 
 /* Each header defines, with the same signatures:
  *   ONE_TOKEN_INT4_LAYOUT, and HAVE_BF16_GEMV where it has a bf16 GEMV;
