@@ -29,16 +29,12 @@ if triton is not None:
     from ernie_cli.kernels.triton.overlap import wait_for_inputs  # a module name: gemv.py says why
 
     @triton.jit
-    def _rms_norm(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        wait_for_inputs(PDL)
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        ok = cols < H
-        x = tl.load(x_ptr + row * H + cols, mask=ok, other=0.0)
+    def _store_norm(x, w_ptr, out_ptr, row, cols, ok, H, eps):
+        # x: the row in the activation dtype; the weight is applied after the cast back, as in torch
         h = x.to(tl.float32)
         h = h * tl.math.rsqrt(tl.sum(h * h, 0) / H + eps)
         w = tl.load(w_ptr + cols, mask=ok, other=0.0)
-        y = h.to(x_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)  # weight after the cast back
+        y = h.to(x.dtype).to(tl.float32) * w.to(tl.float32)
         tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
@@ -46,11 +42,24 @@ if triton is not None:
         x = tl.load(x_ptr + row * H + cols, mask=ok, other=0.0)
         total = (x.to(tl.float32) + delta.to(tl.float32)).to(x_ptr.dtype.element_ty)  # torch's addition: one rounding
         tl.store(sum_ptr + row * H + cols, total, mask=ok)
-        h = total.to(tl.float32)
-        h = h * tl.math.rsqrt(tl.sum(h * h, 0) / H + eps)
-        w = tl.load(w_ptr + cols, mask=ok, other=0.0)
-        y = h.to(x_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
-        tl.store(out_ptr + row * H + cols, y.to(out_ptr.dtype.element_ty), mask=ok)
+        _store_norm(total, w_ptr, out_ptr, row, cols, ok, H, eps)
+
+    @triton.jit
+    def _mixture(y_ptr, p_ptr, cols, ok, H, P: tl.constexpr):
+        # The P expert outputs y [P, H] at these columns weighed by p [P], summed in float32 slot by slot.
+        acc = tl.zeros(cols.shape, tl.float32)
+        for slot in tl.static_range(P):
+            y = tl.load(y_ptr + slot * H + cols, mask=ok, other=0.0).to(tl.float32)
+            acc += y * tl.load(p_ptr + slot).to(tl.float32)
+        return acc
+
+    @triton.jit
+    def _rms_norm(x_ptr, w_ptr, out_ptr, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        wait_for_inputs(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        ok = cols < H
+        _store_norm(tl.load(x_ptr + row * H + cols, mask=ok, other=0.0), w_ptr, out_ptr, row, cols, ok, H, eps)
 
     @triton.jit
     def _add_rms_norm(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, H, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -64,16 +73,12 @@ if triton is not None:
     @triton.jit
     def _add_mixture_rms_norm(x_ptr, y_ptr, p_ptr, w_ptr, sum_ptr, out_ptr, H, eps, P: tl.constexpr,
                               BLOCK: tl.constexpr, PDL: tl.constexpr):
-        # One token: delta is the P expert outputs y weighed by p, summed in float32 slot by slot
-        # and rounded to the activation dtype, as _weighted_sum gives it.
+        # One token: delta is its expert mixture rounded to the activation dtype, as _weighted_sum gives it.
         wait_for_inputs(PDL)
         cols = tl.arange(0, BLOCK)
         ok = cols < H
-        acc = tl.zeros((BLOCK,), tl.float32)
-        for slot in tl.static_range(P):
-            y = tl.load(y_ptr + slot * H + cols, mask=ok, other=0.0).to(tl.float32)
-            acc += y * tl.load(p_ptr + slot).to(tl.float32)
-        _store_sum_and_norm(x_ptr, acc.to(x_ptr.dtype.element_ty), w_ptr, sum_ptr, out_ptr, 0, cols, ok, H, eps)
+        delta = _mixture(y_ptr, p_ptr, cols, ok, H, P).to(x_ptr.dtype.element_ty)
+        _store_sum_and_norm(x_ptr, delta, w_ptr, sum_ptr, out_ptr, 0, cols, ok, H, eps)
 
     @triton.jit
     def _argmax_finite(x_ptr, out_ptr, V, BLOCK: tl.constexpr, PDL: tl.constexpr):
@@ -119,14 +124,11 @@ if triton is not None:
 
 
     @triton.jit
-    def _weighted_sum(y_ptr, w_ptr, out_ptr, H, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _weighted_sum(y_ptr, w_ptr, out_ptr, H, P: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         wait_for_inputs(PDL)
         cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        p = tl.arange(0, BLOCK_P)
-        ok = (p < P)[:, None] & (cols < H)[None, :]
-        y = tl.load(y_ptr + p[:, None] * H + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + p, mask=p < P, other=0.0).to(tl.float32)
-        tl.store(out_ptr + cols, tl.sum(y * w[:, None], 0).to(out_ptr.dtype.element_ty), mask=cols < H)
+        ok = cols < H
+        tl.store(out_ptr + cols, _mixture(y_ptr, w_ptr, cols, ok, H, P).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def weighted_sum(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -135,8 +137,7 @@ def weighted_sum(y: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> torch.
     y, w = y.contiguous(), w.contiguous()
     out = torch.empty((1, h), dtype=dtype, device=y.device)
     block = 512  # 5 programs for H = 2,560: the sum is a few microseconds at most, its launch the cost
-    _weighted_sum[(triton.cdiv(h, block),)](y, w, out, h, P=p, BLOCK_P=triton.next_power_of_2(p), BLOCK=block,
-                                             **overlap.launch_args(y))
+    _weighted_sum[(triton.cdiv(h, block),)](y, w, out, h, P=p, BLOCK=block, **overlap.launch_args(y))
     return out
 
 
