@@ -14,7 +14,7 @@ needs_hopper = pytest.mark.skipif(
 )
 
 
-def test_off_for_the_cpu_and_under_torch_compile():
+def test_off_for_the_cpu():
     from ernie_cli.kernels.triton import overlap
 
     assert overlap.launch_args(torch.zeros(1)) == {"PDL": False}
