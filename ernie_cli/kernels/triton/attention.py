@@ -17,8 +17,6 @@ it rotates them (RoPE) and writes the key and value into the cache itself
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ernie_cli.kernels.triton import overlap
@@ -28,7 +26,7 @@ SPLITS = 16  # stretches per KV head: 4 KV heads x 16 = 64 programs, and 8,192 c
 QROWS = 16  # query rows of a program, padded up from GROUP for tl.dot
 # The Triton interpreter multiplies bf16 tensors by their bit patterns in tl.dot; there the kernel
 # multiplies in float32 instead, so the tests under the interpreter check the rest of it.
-_DOT_IN_FLOAT32 = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DOT_IN_FLOAT32 = overlap.INTERPRETED
 
 
 def usable(q: torch.Tensor, cache_k: torch.Tensor) -> bool:

@@ -20,7 +20,6 @@ launch has static shapes, so the decode step stays one CUDA graph.
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 
@@ -41,7 +40,7 @@ DP4A = True
 # would write it (8-layer int4 decode +1.8%; in the captured bf16 step, two kernels a layer).
 SWIGLU_IN_DOWN = True
 # The Triton interpreter cannot run inline assembly; there the kernel does dp4a's arithmetic in plain ops.
-_EMULATE_DP4A = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_EMULATE_DP4A = overlap.INTERPRETED
 
 
 def usable(x: torch.Tensor, fmt: str = "float", group_size: int = 64) -> bool:

@@ -29,14 +29,15 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 # Tests and benchmarks turn it off to compare the same kernels launched one after another.
 ENABLED = True
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton's interpreter (tests on machines without a GPU): the kernels' modules read it here, once.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @lru_cache(maxsize=None)
 def _supported(device_index: int) -> bool:
     # griddepcontrol is an sm_90 instruction; older Triton versions lack the language functions.
     return (
-        triton is not None and not _INTERPRETED
+        triton is not None and not INTERPRETED
         and torch.cuda.get_device_capability(device_index)[0] >= 9
         and hasattr(tl.extra.cuda, "gdc_wait")
     )
